@@ -1,0 +1,54 @@
+"""Prompt templates: a problem becomes chat messages, rendered by the tokenizer's own chat template.
+
+The embedded task and real datasets go through the same path; only the system prompt and the user suffix
+differ (PAPER.md section 6 gives the paper's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from dibs.data.records import Problem
+
+__all__ = ["PromptTemplate", "encode_prompts", "encode_response"]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    system_prompt: str | None = None
+    user_suffix: str = ""
+
+    def messages(self, problem: str) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return messages + [{"role": "user", "content": problem + self.user_suffix}]
+
+    def render(self, tokenizer: PreTrainedTokenizerBase, problem: str) -> str:
+        return tokenizer.apply_chat_template(self.messages(problem), add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(
+    problems: Sequence[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    *,
+    max_prompt_tokens: int,
+) -> tuple[list[Problem], list[list[int]], list[str]]:
+    """Token ids of each rendered prompt. Prompts longer than ``max_prompt_tokens`` are dropped and
+    reported (uid and length) rather than truncated: a cut prompt is a different problem."""
+    kept, ids, dropped = [], [], []
+    texts = [template.render(tokenizer, p.problem) for p in problems]
+    for problem, encoded in zip(problems, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        if len(encoded) > max_prompt_tokens:
+            dropped.append(f"{problem.uid}: prompt has {len(encoded)} tokens > max_prompt_tokens={max_prompt_tokens}")
+            continue
+        kept.append(problem)
+        ids.append(list(encoded))
+    return kept, ids, dropped
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A target response (e.g. an SFT solution) as ids, ending with EOS like a sampled completion."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]

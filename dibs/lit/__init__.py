@@ -1,0 +1,1 @@
+"""Lightning glue: the EM module, the DataModule and the rollout callback."""

@@ -1,0 +1,128 @@
+"""Builds π0 and its tokenizer: a local HF checkpoint, or the embedded tiny Qwen2 warm-started by SFT.
+
+For the embedded task the tokenizer is trained on the task corpus and the model is SFT-ed on reference
+solutions; both are cached under ``<cache_dir>/warmstart/<key>``, the key hashing every setting that
+determines them, so later runs (other seeds, other methods in a grid) start from the same π0. The folder is
+written under a temporary name and renamed, so a crash never leaves a half-written cache; other ranks of
+a torchrun/SLURM launch wait for rank 0's folder instead of training their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from dibs.core.verifier import MathVerifier
+from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
+from dibs.data.synthetic import TaskSplits, corpus
+from dibs.data.tokenizer import load_tokenizer, train_tokenizer
+from dibs.lit.warmstart import WarmStartReport, cache_key, load_cached, sft
+from dibs.modeling import build_tiny_qwen2, count_parameters, load_pretrained
+from dibs.rollout.base import SamplingParams
+from dibs.rollout.hf import HFGenerator
+
+__all__ = ["prepare_policy"]
+
+
+def prepare_policy(
+    task: TaskSplits,
+    *,
+    template: PromptTemplate,
+    model: dict[str, Any],
+    warmstart: dict[str, Any],
+    key_settings: dict[str, Any],
+    cache_dir: str,
+    max_prompt_tokens: int,
+    eval_sampling: SamplingParams,
+):
+    """Returns (policy, tokenizer). ``model`` holds the model config group; ``warmstart`` the SFT group."""
+    if model.get("path"):
+        tokenizer = load_tokenizer(model["path"])
+        policy = load_pretrained(model["path"], dtype=model.get("dtype", "float32"))
+        if warmstart["steps"] <= 0:
+            return policy, tokenizer
+    key = cache_key({"task": key_settings, "model": model, "warmstart": warmstart, "template": template})
+    folder = Path(cache_dir).expanduser() / "warmstart" / key
+    cached = _wait_or_load(folder)
+    if cached is not None:
+        policy, report = cached
+        rank_zero_info(
+            f"pi0: reusing cached warm start {folder} (SFT {report.steps} steps, {report.seconds:.0f}s, "
+            f"accuracy {100 * report.accuracy:.0f}% when it stopped)"
+        )
+        return policy, load_tokenizer(folder)
+    staging = folder.with_name(f"{key}.tmp-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    if model.get("path"):
+        tokenizer, policy = load_tokenizer(model["path"]), load_pretrained(model["path"], dtype=model["dtype"])
+    else:
+        tokenizer = train_tokenizer(corpus(task.train), staging, vocab_size=model["vocab_size"])
+        policy = build_tiny_qwen2(tokenizer, **model["tiny"], seed=warmstart["seed"])
+    rank_zero_info(
+        f"pi0: SFT warm start of a {count_parameters(policy) / 1e6:.2f}M-parameter policy "
+        f"({warmstart['steps']} steps max, stop at {100 * warmstart['target_accuracy']:.0f}% accuracy)"
+    )
+    report = _run_sft(policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling)
+    rank_zero_info(
+        f"pi0: SFT stopped by {report.stopped_by} after {report.steps} steps ({report.seconds:.0f}s), "
+        f"accuracy {100 * report.accuracy:.0f}%; cached in {folder}"
+    )
+    if folder.exists():  # another process finished first; keep its copy
+        shutil.rmtree(staging)
+    else:
+        staging.rename(folder)
+    return policy, tokenizer
+
+
+def _run_sft(
+    policy, tokenizer, task, template, warmstart, out_dir, max_prompt_tokens, eval_sampling
+) -> WarmStartReport:
+    with_solution = [p for p in task.train if p.solution]
+    if not with_solution:
+        raise ValueError("warmstart.steps > 0 but no training problem has a reference solution to SFT on")
+    kept, prompt_ids, _ = encode_prompts(with_solution, tokenizer, template, max_prompt_tokens=max_prompt_tokens)
+    examples = [(ids, encode_response(tokenizer, p.solution)) for p, ids in zip(kept, prompt_ids)]
+    probe, probe_ids, _ = encode_prompts(
+        task.test[: warmstart["eval_problems"]], tokenizer, template, max_prompt_tokens=max_prompt_tokens
+    )
+    verifier = MathVerifier()
+
+    def measure(model) -> float:
+        generator = HFGenerator(model, tokenizer)
+        groups = generator.generate(probe_ids, [warmstart["eval_samples"]] * len(probe_ids), eval_sampling)
+        texts = [c.text for g in groups for c in g]
+        golds = [p.answer for p, g in zip(probe, groups) for _ in g]
+        return float(verifier.score(texts, golds).rewards.mean())
+
+    try:
+        return sft(
+            policy,
+            tokenizer,
+            examples,
+            steps=warmstart["steps"],
+            batch_size=warmstart["batch_size"],
+            lr=warmstart["lr"],
+            seed=warmstart["seed"],
+            eval_every=warmstart["eval_every"],
+            target_accuracy=warmstart["target_accuracy"],
+            measure=measure,
+            out_dir=out_dir,
+        )
+    finally:
+        verifier.close()
+
+
+def _wait_or_load(folder: Path, timeout_s: float = 1800.0):
+    """Rank 0 builds the cache; other ranks of a simultaneous launch wait for its folder to appear."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    deadline = time.monotonic() + (timeout_s if rank > 0 else 0.0)
+    while True:
+        cached = load_cached(folder)
+        if cached is not None or time.monotonic() >= deadline:
+            return cached
+        time.sleep(2.0)

@@ -1,0 +1,73 @@
+"""EMModule: the M-step. The loss math lives in dibs.core.losses; this class moves tensors and logs.
+
+Under ``ModelParallelStrategy`` the policy is sharded with FSDP2 (``fully_shard`` on every decoder layer,
+then the root) in ``configure_model``; under DDP or a single device it is used as is.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.distributed.fsdp import fully_shard
+
+from dibs.core.logprobs import sequence_logprobs
+from dibs.core.losses import LOSSES
+
+__all__ = ["EMModule"]
+
+
+class EMModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        *,
+        loss: str = "raftpp",
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"algo.loss={loss!r} is not one of {sorted(LOSSES)}")
+        self.save_hyperparameters(ignore=["policy"])
+        self.policy = policy.train()  # π0 may arrive in eval mode from the warm-start cache
+        self.loss_fn = (
+            partial(LOSSES[loss], clip_low=clip_low, clip_high=clip_high) if loss == "raftpp" else LOSSES[loss]
+        )
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None or getattr(self.policy, "_dibs_sharded", False):
+            return  # not under ModelParallelStrategy, or already sharded
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.policy.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.policy, mesh=mesh)
+        self.policy._dibs_sharded = True
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch["skip"]:
+            return None  # globally nothing accepted: no update (decided identically on every rank)
+        logp = sequence_logprobs(
+            self._forward, batch["input_ids"], batch["attention_mask"], self.hparams.temperature
+        )  # [B, L-1]
+        out = self.loss_fn(logp, batch["old_logprobs"], batch["response_mask"], batch["advantages"])
+        metrics = {f"train/{k}": v for k, v in out.metrics.items()}
+        metrics["train/loss"] = out.loss.detach()
+        metrics["train/accepted_frac"] = (batch["advantages"] > 0).float().mean()
+        self.log_dict(metrics, on_step=True, batch_size=len(batch["advantages"]), sync_dist=False)
+        return out.loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return torch.optim.AdamW(
+            self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
+        )

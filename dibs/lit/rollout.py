@@ -1,0 +1,196 @@
+"""The rollout callback: the E-step of every EM iteration, held-out evaluation and HF exports.
+
+Hook order (see DESIGN.md): Lightning reloads the train dataloader BEFORE ``on_train_epoch_start``, so
+the E-step for epoch k runs in ``on_fit_start`` (k = 0) and in ``on_train_epoch_end`` of epoch k − 1.
+Each E-step: push the policy's weights into the generator, allocate n_i per prompt, sample, verify,
+turn rewards into RAFT advantages and hand the trajectories to the DataModule.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from dibs.core.allocation import Allocator
+from dibs.core.losses import raft_advantages
+from dibs.core.verifier import STATUSES
+from dibs.lit.datamodule import Trajectory
+from dibs.lit.evaluation import EvalResult, evaluate, format_summary, reduce_sum
+from dibs.lit.weights import full_state_dict
+from dibs.rollout.base import Completion, Generator, SamplingParams
+
+__all__ = ["RolloutCallback"]
+
+
+class RolloutCallback(L.Callback):
+    def __init__(
+        self,
+        generator: Generator,
+        verifier: Any,
+        allocator: Allocator,
+        tokenizer: Any,
+        *,
+        sampling: SamplingParams,
+        eval_sampling: SamplingParams,
+        eval_samples: int = 4,
+        keep_rejected: bool = True,
+        text_samples: int = 3,
+        export_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.generator, self.verifier, self.allocator, self.tokenizer = generator, verifier, allocator, tokenizer
+        self.sampling, self.eval_sampling, self.eval_samples = sampling, eval_sampling, eval_samples
+        self.keep_rejected, self.text_samples, self.export_dir, self.seed = (
+            keep_rejected,
+            text_samples,
+            export_dir,
+            seed,
+        )
+        self.totals = {"samples": 0, "tokens": 0, "accepted": 0}
+        self.evals: list[EvalResult] = []
+        self._train_started = 0.0
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._push_weights(pl_module)
+        if trainer.datamodule.iteration == trainer.current_epoch:
+            rank_zero_info(f"resumed at iteration {trainer.current_epoch}: reusing its checkpointed rollouts")
+            return
+        self._evaluate(trainer, pl_module, label="pi0")
+        self._e_step(trainer, trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, {"time/train_s": time.perf_counter() - self._train_started})
+        self._push_weights(pl_module)
+        self._evaluate(trainer, pl_module, label=f"iteration {trainer.current_epoch + 1}")
+        self._export(trainer, trainer.current_epoch + 1)
+        if trainer.current_epoch + 1 < trainer.max_epochs:
+            self._e_step(trainer, trainer.current_epoch + 1)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and len(self.evals) >= 2:
+            where = {
+                "tensorboard": trainer.logger.log_dir if trainer.logger else "-",
+                "checkpoints": str(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else "-",
+                "hf policy": str(self.export_dir or "-"),
+            }
+            print("\n" + format_summary(self.evals[0], self.evals[-1], samples=self.eval_samples, where=where))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": dict(self.totals), "evals": [e.__dict__ for e in self.evals]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals = dict(state["totals"])
+        self.evals = [EvalResult(**e) for e in state["evals"]]
+
+    # ---- E-step ------------------------------------------------------------------------------
+    def _e_step(self, trainer: L.Trainer, iteration: int) -> None:
+        dm, rank, world = trainer.datamodule, trainer.global_rank, trainer.world_size
+        indices = dm.iteration_prompts(iteration, rank, world)
+        global_n = self.allocator.allocate(len(dm.iteration_prompts(iteration)))
+        n_local = global_n[rank::world]  # same slicing as the prompts
+        torch.manual_seed(self.seed * 1_000_003 + iteration * 1_009 + rank)
+        started = time.perf_counter()
+        groups = self.generator.generate([dm.train_prompts[i] for i in indices], n_local, self.sampling)
+        generated = time.perf_counter()
+        flat = [(i, c) for i, group in zip(indices, groups) for c in group]
+        result = self.verifier.score([c.text for _, c in flat], [dm.train_problems[i].answer for i, _ in flat])
+        verified = time.perf_counter()
+        advantages = raft_advantages(torch.as_tensor(result.rewards)).tolist()
+        trajectories = [
+            Trajectory(torch.as_tensor(dm.train_prompts[i]), c.token_ids, c.logprobs, a, float(r))
+            for (i, c), a, r in zip(flat, advantages, result.rewards)
+        ]
+        accepted = [t for t in trajectories if t.advantage > 0]
+        counts = result.counts()
+        local = np.array(
+            [
+                len(flat),
+                sum(len(c.token_ids) for _, c in flat),
+                len(accepted),
+                sum(c.finish_reason == "length" for _, c in flat),
+            ]
+            + [counts[s] for s in STATUSES]
+        )
+        total = reduce_sum(trainer, local.astype(np.float64))
+        samples, tokens, n_accepted, truncated = (int(x) for x in total[:4])
+        skip = n_accepted == 0
+        if skip:
+            rank_zero_warn(
+                f"iteration {iteration}: no sample accepted among {samples} (acceptance rate 0): "
+                "the M-step is skipped and the run continues with the next iteration"
+            )
+        dm.set_trajectories(iteration, trajectories if self.keep_rejected or not accepted else accepted, skip)
+        for key, value in (("samples", samples), ("tokens", tokens), ("accepted", n_accepted)):
+            self.totals[key] += value
+        metrics = {
+            "rollout/samples": samples,
+            "rollout/tokens": tokens,
+            "rollout/accept_rate": n_accepted / samples,
+            "rollout/truncated_frac": truncated / samples,
+            "rollout/mean_response_tokens": tokens / samples,
+            "rollout/samples_cum": self.totals["samples"],
+            "rollout/tokens_cum": self.totals["tokens"],
+            "reward/mean": n_accepted / samples,
+            "time/generation_s": generated - started,
+            "time/verification_s": verified - generated,
+            "iteration": iteration,
+        }
+        metrics.update({f"reward/{s}": int(v) for s, v in zip(STATUSES, total[4:])})
+        self._log(trainer, metrics)
+        self._log_texts(trainer, dm, flat, result, iteration)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _push_weights(self, pl_module: L.LightningModule) -> None:
+        self.generator.load_weights(full_state_dict(pl_module.policy).items())
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str) -> None:
+        torch.manual_seed(self.seed * 1_000_003 + 7_777_777 + len(self.evals))
+        started = time.perf_counter()
+        result = evaluate(
+            trainer,
+            self.generator,
+            self.verifier,
+            trainer.datamodule,
+            samples=self.eval_samples,
+            sampling=self.eval_sampling,
+        )
+        self.evals.append(result)
+        metrics = {f"val/acc_level_{lv}" if lv != "all" else "val/acc": v for lv, v in result.accuracy.items()}
+        metrics.update({f"val/{k}": v for k, v in result.failures.items()})
+        metrics["time/eval_s"] = time.perf_counter() - started
+        self._log(trainer, metrics)
+        rank_zero_info(f"held-out Average@{self.eval_samples} ({label}): {100 * result.accuracy['all']:.1f}%")
+
+    def _export(self, trainer: L.Trainer, iteration: int) -> None:
+        if self.export_dir and trainer.is_global_zero:
+            folder = Path(self.export_dir) / f"iter_{iteration:03d}"
+            self.generator.model.save_pretrained(folder)  # holds the weights just pushed
+            self.tokenizer.save_pretrained(folder)
+
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+
+    def _log_texts(self, trainer: L.Trainer, dm, flat: list[tuple[int, Completion]], result, iteration: int) -> None:
+        if not (
+            trainer.is_global_zero and trainer.logger is not None and hasattr(trainer.logger.experiment, "add_text")
+        ):
+            return
+        rows = []
+        for (i, c), reward, status in list(zip(flat, result.rewards, result.status))[: self.text_samples]:
+            p = dm.train_problems[i]
+            rows.append(
+                f"**{p.uid}** (level {p.level}, gold `{p.answer}`, reward {reward:.0f}, {status})\n\n"
+                f"    {p.problem}\n\n    {c.text}"
+            )
+        trainer.logger.experiment.add_text("rollout/samples", "\n\n---\n\n".join(rows), trainer.global_step)

@@ -1,0 +1,134 @@
+"""Batched sampling with Hugging Face transformers (CPU or GPU); the default generation backend.
+
+Every prompt is repeated n_i times as separate rows (so prompts may get different numbers of samples),
+rows are sorted by prompt length and cut into chunks of at most ``token_budget`` padded tokens, and each
+chunk is one left-padded ``model.generate`` call. Per-token log-probs come from one teacher-forced pass
+over the finished sequences (right-padded, the layout the trainer uses), which costs far less memory than
+keeping [rows, steps, vocab] scores during generation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from dibs.core.batching import chunk_by_tokens, pad_left, pad_right
+from dibs.core.logprobs import sequence_logprobs
+from dibs.rollout.base import Completion, SamplingParams
+
+__all__ = ["HFGenerator"]
+
+
+class HFGenerator:
+    """Owns its own copy of the policy; the trainer pushes fresh weights with ``load_weights``."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        token_budget: int = 32768,
+        show_progress: bool = False,
+    ) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # Neutral defaults: a checkpoint's generation_config.json (repetition penalty, top_p, ...) must never
+        # leak into sampling, so every value generate() might fill in is set here or in SamplingParams.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        self.tokenizer = tokenizer
+        self.token_budget = token_budget
+        self.show_progress = show_progress
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = self.model.state_dict(keep_vars=True)  # tied weights appear under both names
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name not in params:
+                    raise KeyError(f"generator model has no parameter named {name!r}")
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+    def sleep(self) -> None:  # nothing to release: the HF model is small next to the trainer's state
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n_per_prompt: Sequence[int], sampling: SamplingParams
+    ) -> list[list[Completion]]:
+        if len(prompts) != len(n_per_prompt):
+            raise ValueError(f"{len(prompts)} prompts but {len(n_per_prompt)} sample counts")
+        rows = [i for i, n in enumerate(n_per_prompt) for _ in range(int(n))]
+        rows.sort(key=lambda i: -len(prompts[i]))
+        prompt_tensors = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+        results: list[list[Completion]] = [[] for _ in prompts]
+        chunks = chunk_by_tokens([len(prompts[i]) for i in rows], sampling.max_new_tokens, self.token_budget)
+        for chunk in self._progress(chunks, total_rows=len(rows)):
+            members = [rows[j] for j in chunk]
+            for index, completion in zip(members, self._generate_chunk(prompt_tensors, members, sampling)):
+                results[index].append(completion)
+        return results
+
+    def _generate_chunk(
+        self, prompts: list[torch.Tensor], members: list[int], sampling: SamplingParams
+    ) -> list[Completion]:
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        ids, mask = pad_left([prompts[i] for i in members], pad)
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        ).cpu()  # [R, Lp + T]
+        responses = [_cut_at_eos(row, eos) for row in out[:, ids.shape[1] :]]
+        logprobs = self._logprobs([prompts[i] for i in members], responses, sampling.temperature)
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return [
+            Completion(r, lp, t, "stop" if len(r) and r[-1] == eos else "length")
+            for r, lp, t in zip(responses, logprobs, texts)
+        ]
+
+    def _logprobs(
+        self, prompts: list[torch.Tensor], responses: list[torch.Tensor], temperature: float
+    ) -> list[torch.Tensor]:
+        seqs = [torch.cat([p, r]) for p, r in zip(prompts, responses)]
+        ids, mask = pad_right(seqs, self.tokenizer.pad_token_id)
+        logp = sequence_logprobs(self._forward, ids.to(self.device), mask.to(self.device), temperature)
+        logp = logp.cpu()  # [R, L-1]; token j of a response sits at column len(prompt) - 1 + j
+        return [logp[k, len(p) - 1 : len(p) - 1 + len(r)] for k, (p, r) in enumerate(zip(prompts, responses))]
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _progress(self, chunks: list[list[int]], total_rows: int):
+        if not self.show_progress:
+            yield from chunks
+            return
+        from tqdm.auto import tqdm  # installed with lightning
+
+        with tqdm(total=total_rows, desc="generating", unit="sample", leave=False) as bar:
+            for chunk in chunks:
+                yield chunk
+                bar.update(len(chunk))
+
+
+def _cut_at_eos(row: torch.Tensor, eos: int) -> torch.Tensor:
+    """Response tokens up to and including the first EOS (generate pads only after it)."""
+    hits = (row == eos).nonzero()
+    return row[: int(hits[0]) + 1].clone() if len(hits) else row.clone()

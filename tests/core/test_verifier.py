@@ -1,0 +1,217 @@
+"""MathVerifier: exact path, math-verify path, failure statuses, time limits, pool recovery."""
+
+import copy
+import doctest
+import itertools
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dibs.core import verifier as verifier_module
+from dibs.core.verifier import STATUSES, MathVerifier, VerifyResult, _check, extract_boxed
+
+TIMEOUT_S, HARD_TIMEOUT_S = 1, 3.0
+
+
+def _stuck_or_check(answer: str, gold: str, timeout_s: int) -> str:
+    """Worker stand-in (picklable by reference): hangs on marker answers, otherwise the real check."""
+    if answer == "SLEEP":  # stuck in Python: pebble's own SIGTERM handler could stop it
+        time.sleep(3600)
+    if answer == "SPIN":  # stuck in C, never back in the interpreter: no Python handler (nor SIGALRM) runs
+        any(itertools.repeat(0))
+    return _check(answer, gold, timeout_s)
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with MathVerifier(num_workers=2, timeout_s=TIMEOUT_S, hard_timeout_s=HARD_TIMEOUT_S) as v:
+        yield v
+
+
+def _one(v: MathVerifier, completion: str, gold: str) -> tuple[str, float]:
+    out = v.score([completion], [gold])
+    return out.status[0], float(out.rewards[0])
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_docstring_examples():
+    assert doctest.testmod(verifier_module).failed == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so \boxed{42}.", "42"),
+        (r"\boxed{1} then \boxed{ \frac{a}{\sqrt{b}} }", r"\frac{a}{\sqrt{b}}"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed{\boxed{5}}", "5"),  # the last opening is the inner one
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+        (r"\boxed{\left\{ 1 \right.}", r"\left\{ 1 \right."),  # escaped braces are not grouping
+        (r"\boxed{\frac{1}{}", None),  # unclosed: no answer at all
+        ("the answer is 12", None),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@given(
+    body=st.text(alphabet="0123456789+-x^() ", max_size=20),
+    prefix=st.text(alphabet="abc {}\\", max_size=20),
+    suffix=st.text(alphabet="abc. ", max_size=20),
+)
+def test_extract_boxed_takes_the_last_box_whatever_precedes_it(body, prefix, suffix):
+    assert extract_boxed(prefix + r"\boxed{" + body + "}" + suffix) == body.strip()
+
+
+def test_import_is_light():
+    heavy = "{'math_verify', 'pebble', 'sympy', 'torch'}"
+    code = f"import sys, dibs.core.verifier; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="whole number"):
+        MathVerifier(timeout_s=1.5)  # SIGALRM takes whole seconds
+    with pytest.raises(ValueError, match="exceed"):
+        MathVerifier(timeout_s=2, hard_timeout_s=2.0)
+    assert MathVerifier(timeout_s=2.0).timeout_s == 2  # YAML may hand over 2.0
+
+
+def test_counts_reports_every_status():
+    out = VerifyResult(rewards=np.array([1, 0, 0], np.float32), status=("exact", "timeout", "timeout"))
+    counts = out.counts()
+    assert list(counts) == list(STATUSES)
+    assert counts["exact"] == 1 and counts["timeout"] == 2 and sum(counts.values()) == 3
+
+
+# ---------------------------------------------------------------- no subprocess
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold"),
+    [
+        (r"\boxed{42}", "42"),
+        (r"\boxed{ 42 }", "42"),
+        (r"$\boxed{42}$.", " 42. "),
+        (r"\fbox{-3}", "$-3$"),
+        (r"\boxed{\left( 1, 2 \right)}", "(1,2)"),
+        (r"Thus \boxed{\frac{1}{2}}", r"We get $x = \frac12$, so the answer is $\boxed{\frac{1}{2}}$."),
+    ],
+)
+def test_exact_path_needs_no_pool(completion, gold):
+    v = MathVerifier()
+    assert _one(v, completion, gold) == ("exact", 1.0)
+    assert v._pool is None
+
+
+def test_no_answer_and_too_long_never_reach_the_pool():
+    v = MathVerifier(max_answer_chars=8)
+    out = v.score(["no box here: 42", r"\boxed{\frac{1}{}", r"\boxed{123456789}"], ["42", "1", "1"])
+    assert out.status == ("no_answer", "no_answer", "too_long")
+    assert out.rewards.tolist() == [0.0, 0.0, 0.0]
+    assert v._pool is None
+
+
+def test_empty_batch_and_mismatched_lengths():
+    out = MathVerifier().score([], [])
+    assert out.rewards.shape == (0,) and out.status == () and sum(out.counts().values()) == 0
+    with pytest.raises(ValueError):
+        MathVerifier().score([r"\boxed{1}"], [])
+
+
+# ---------------------------------------------------------------- math-verify path
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "expected"),
+    [
+        (r"\boxed{\frac{1}{2}}", "0.5", "verified"),
+        (r"\boxed{\dfrac{3}{4}}", "3/4", "verified"),
+        (r"\boxed{x+1}", "1+x", "verified"),
+        (r"\boxed{10\%}", "10", "verified"),
+        (r"\boxed{7}", "8", "rejected"),
+        (r"\boxed{x+2}", "1+x", "rejected"),
+        (r"\boxed{\frac{}{}}", "1", "parse_error"),  # parses to nothing but the raw string
+        (r"\boxed{}", "1", "parse_error"),
+    ],
+)
+def test_math_verify_path(verifier, completion, gold, expected):
+    assert _one(verifier, completion, gold) == (expected, float(expected == "verified"))
+
+
+def test_pathological_answer_times_out_then_verifier_still_works(verifier):
+    verifier.score([r"\boxed{x+1}"], ["1+x"])  # warm pool: time the item, not the start-up
+    start = time.monotonic()
+    status, reward = _one(verifier, r"\boxed{9^{9^{9^9}}}", "1")
+    elapsed = time.monotonic() - start
+    # Pure-Python sympy integers: the power checks for signals, so math-verify's own SIGALRM fires
+    # after TIMEOUT_S (measured ~1.03 s) and verify(raise_on_error=True) re-raises its TimeoutException.
+    assert (status, reward) == ("timeout", 0.0)
+    assert elapsed < HARD_TIMEOUT_S + 3
+    assert _one(verifier, r"\boxed{\frac{1}{2}}", "0.5") == ("verified", 1.0)
+
+
+def test_slow_items_run_in_parallel(verifier):
+    verifier.score([r"\boxed{x+1}"] * 2, ["1+x"] * 2)  # both workers up
+    start = time.monotonic()
+    out = verifier.score([r"\boxed{9^{9^{9^9}}}"] * 4, ["1"] * 4)
+    elapsed = time.monotonic() - start
+    assert out.status == ("timeout",) * 4
+    assert elapsed < 4 * TIMEOUT_S  # 2 workers: ~2 s; one by one would be >= 4 s
+
+
+def test_mixed_batch_keeps_order_and_counts(verifier):
+    completions = [
+        r"\boxed{3}",
+        "none",
+        r"\boxed{\frac{1}{2}}",
+        r"\boxed{7}",
+        r"\boxed{\frac{}{}}",
+        r"\boxed{3}",
+    ]
+    golds = ["3", "3", "0.5", "8", "1", r"so \boxed{3}"]
+    out = verifier.score(completions, golds)
+    assert out.status == ("exact", "no_answer", "verified", "rejected", "parse_error", "exact")
+    assert out.rewards.dtype == np.float32 and out.rewards.tolist() == [1, 0, 1, 0, 0, 1]
+    assert sum(out.counts().values()) == len(completions)
+
+
+# ---------------------------------------------------------------- hard limit
+
+
+def test_stuck_workers_are_killed_and_replaced(monkeypatch):
+    # Workers unpickle _stuck_or_check by module name: let them import this file however pytest named it.
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[__name__.count(".")]))
+    with MathVerifier(num_workers=2, timeout_s=1, hard_timeout_s=2.0, _check_fn=_stuck_or_check) as v:
+        v.score([r"\boxed{x+1}"] * 2, ["1+x"] * 2)  # warm pool
+        start = time.monotonic()
+        out = v.score([r"\boxed{SLEEP}", r"\boxed{SPIN}"], ["1", "1"])
+        elapsed = time.monotonic() - start
+        assert out.status == ("timeout", "timeout")
+        # Both killed at the 2 s limit, in parallel (~2.1 s). SPIN ignores pebble's Python SIGTERM handler;
+        # without the worker's SIG_DFL it would take 2 + 3 s (pebble's grace period before SIGKILL).
+        assert elapsed < 2.0 + 1.5
+        # The replacements work (each pays a fresh worker start-up, outside any time limit).
+        out = v.score([r"\boxed{x+1}", r"\boxed{x+2}"], ["1+x", "1+x"])
+        assert out.status == ("verified", "rejected")
+
+
+def test_close_and_copy_restart_the_pool_lazily():
+    v = MathVerifier(timeout_s=1, hard_timeout_s=2.0)
+    assert _one(v, r"\boxed{x+1}", "1+x") == ("verified", 1.0)
+    twin = copy.deepcopy(v)  # the live pool is not copied
+    assert twin._pool is None
+    v.close()
+    v.close()  # idempotent
+    assert _one(v, r"\boxed{x+2}", "1+x") == ("rejected", 0.0)
+    v.close()

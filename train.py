@@ -1,0 +1,118 @@
+"""Entry point: compose the Hydra config, build the parts, run the EM loop with Lightning. Wiring only.
+
+python train.py                                   # the embedded default (CPU, a few minutes)
+python train.py algo=raft allocation.n_per_prompt=8
+python train.py -m seed=0,1,2                     # a sweep
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+# Heavy imports (lightning, transformers) live inside main(): the verifier's worker processes re-import this
+# file's top level when they start, and must not pay for them.
+log = logging.getLogger("dibs")
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dibs.data.prompts import PromptTemplate
+    from dibs.lit.assemble import prepare_policy
+    from dibs.lit.datamodule import EMDataModule
+    from dibs.lit.module import EMModule
+    from dibs.lit.rollout import RolloutCallback
+    from dibs.rollout.base import SamplingParams
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    task = instantiate(cfg.data.source)
+    template = PromptTemplate(**plain(cfg.data.template))
+    sampling, eval_sampling = (
+        SamplingParams(**plain(cfg.rollout.sampling)),
+        SamplingParams(**plain(cfg.rollout.eval_sampling)),
+    )
+    policy, tokenizer = prepare_policy(
+        task,
+        template=template,
+        model=plain(cfg.model),
+        warmstart=plain(cfg.warmstart),
+        key_settings=plain(cfg.data.source),
+        cache_dir=cfg.cache_dir,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        eval_sampling=eval_sampling,
+    )
+    datamodule = EMDataModule(
+        task.train,
+        task.test,
+        tokenizer,
+        template=template,
+        prompts_per_iteration=cfg.prompts_per_iteration,
+        batch_size=cfg.batch_size,
+        updates_per_iteration=cfg.updates_per_iteration,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        seed=cfg.seed,
+    )
+    for message in datamodule.dropped:
+        log.warning("dropped over-long prompt: %s", message)
+
+    algo = plain(cfg.algo)
+    keep_rejected = algo.pop("keep_rejected")
+    module = EMModule(policy, **algo)
+    rollout = RolloutCallback(
+        instantiate(cfg.rollout.generator)(model=policy, tokenizer=tokenizer),
+        instantiate(cfg.reward),
+        instantiate(cfg.allocation),
+        tokenizer,
+        sampling=sampling,
+        eval_sampling=eval_sampling,
+        eval_samples=cfg.eval_samples,
+        keep_rejected=keep_rejected,
+        export_dir=str(run_dir / "hf"),
+        seed=cfg.seed,
+    )
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    logger = instantiate(cfg.logger)
+    logger.log_hyperparams(_flatten(plain(cfg)))
+    trainer = L.Trainer(
+        **instantiate(cfg.trainer),
+        max_epochs=cfg.iterations,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[rollout, checkpoint],
+        default_root_dir=run_dir,
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        rollout.verifier.close()
+    return rollout.evals[-1].accuracy["all"] if rollout.evals else float("nan")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+if __name__ == "__main__":
+    main()
