@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_info
-
 from dibs.core.verifier import MathVerifier
 from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
 from dibs.data.synthetic import TaskSplits, corpus
 from dibs.data.tokenizer import load_tokenizer, train_tokenizer
+from dibs.lit.logs import info
 from dibs.lit.warmstart import WarmStartReport, cache_key, load_cached, sft
 from dibs.modeling import build_tiny_qwen2, count_parameters, load_pretrained
 from dibs.rollout.base import SamplingParams
@@ -51,7 +50,7 @@ def prepare_policy(
     cached = _wait_or_load(folder)
     if cached is not None:
         policy, report = cached
-        rank_zero_info(
+        info(
             f"pi0: reusing cached warm start {folder} (SFT {report.steps} steps, {report.seconds:.0f}s, "
             f"accuracy {100 * report.accuracy:.0f}% when it stopped)"
         )
@@ -63,12 +62,12 @@ def prepare_policy(
     else:
         tokenizer = train_tokenizer(corpus(task.train), staging, vocab_size=model["vocab_size"])
         policy = build_tiny_qwen2(tokenizer, **model["tiny"], seed=warmstart["seed"])
-    rank_zero_info(
+    info(
         f"pi0: SFT warm start of a {count_parameters(policy) / 1e6:.2f}M-parameter policy "
         f"({warmstart['steps']} steps max, stop at {100 * warmstart['target_accuracy']:.0f}% accuracy)"
     )
     report = _run_sft(policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling)
-    rank_zero_info(
+    info(
         f"pi0: SFT stopped by {report.stopped_by} after {report.steps} steps ({report.seconds:.0f}s), "
         f"accuracy {100 * report.accuracy:.0f}%; cached in {folder}"
     )

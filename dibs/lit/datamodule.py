@@ -118,8 +118,13 @@ class EMDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "trajectories": self.trajectories, "skip_updates": self.skip_updates}
+        # Plain dicts of tensors: checkpoints stay loadable with torch.load(weights_only=True).
+        return {
+            "iteration": self.iteration,
+            "skip_updates": self.skip_updates,
+            "trajectories": [dict(t.__dict__) for t in self.trajectories],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration, self.skip_updates = state["iteration"], state["skip_updates"]
-        self.trajectories = list(state["trajectories"])
+        self.trajectories = [Trajectory(**t) for t in state["trajectories"]]

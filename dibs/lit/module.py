@@ -1,5 +1,9 @@
 """EMModule: the M-step. The loss math lives in dibs.core.losses; this class moves tensors and logs.
 
+Optimisation is manual: an iteration in which no sample was accepted anywhere skips its updates on every rank
+(Lightning refuses a skipped automatic step in distributed runs, and a zero-gradient AdamW step would still
+move the weights through momentum and weight decay).
+
 Under ``ModelParallelStrategy`` the policy is sharded with FSDP2 (``fully_shard`` on every decoder layer,
 then the root) in ``configure_model``; under DDP or a single device it is used as is.
 """
@@ -12,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from dibs.core.logprobs import sequence_logprobs
 from dibs.core.losses import LOSSES
@@ -31,8 +36,10 @@ class EMModule(L.LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         temperature: float = 1.0,
+        grad_clip: float = 1.0,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         if loss not in LOSSES:
             raise ValueError(f"algo.loss={loss!r} is not one of {sorted(LOSSES)}")
         self.save_hyperparameters(ignore=["policy"])
@@ -56,6 +63,7 @@ class EMModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch["skip"]:
             return None  # globally nothing accepted: no update (decided identically on every rank)
+        optimizer = self.optimizers()
         logp = sequence_logprobs(
             self._forward, batch["input_ids"], batch["attention_mask"], self.hparams.temperature
         )  # [B, L-1]
@@ -63,8 +71,14 @@ class EMModule(L.LightningModule):
         metrics = {f"train/{k}": v for k, v in out.metrics.items()}
         metrics["train/loss"] = out.loss.detach()
         metrics["train/accepted_frac"] = (batch["advantages"] > 0).float().mean()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(out.loss)
+        max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)  # DTensor-aware under FSDP2
+        metrics["train/grad_norm"] = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        optimizer.step()
         self.log_dict(metrics, on_step=True, batch_size=len(batch["advantages"]), sync_dist=False)
-        return out.loss
+        return out.loss.detach()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

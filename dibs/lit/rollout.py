@@ -15,13 +15,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dibs.core.allocation import Allocator
 from dibs.core.losses import raft_advantages
 from dibs.core.verifier import STATUSES
 from dibs.lit.datamodule import Trajectory
 from dibs.lit.evaluation import EvalResult, evaluate, format_summary, reduce_sum
+from dibs.lit.logs import info, warn
 from dibs.lit.weights import full_state_dict
 from dibs.rollout.base import Completion, Generator, SamplingParams
 
@@ -60,7 +60,7 @@ class RolloutCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._push_weights(pl_module)
         if trainer.datamodule.iteration == trainer.current_epoch:
-            rank_zero_info(f"resumed at iteration {trainer.current_epoch}: reusing its checkpointed rollouts")
+            info(f"resumed at iteration {trainer.current_epoch}: reusing its checkpointed rollouts")
             return
         self._evaluate(trainer, pl_module, label="pi0")
         self._e_step(trainer, trainer.current_epoch)
@@ -125,7 +125,7 @@ class RolloutCallback(L.Callback):
         samples, tokens, n_accepted, truncated = (int(x) for x in total[:4])
         skip = n_accepted == 0
         if skip:
-            rank_zero_warn(
+            warn(
                 f"iteration {iteration}: no sample accepted among {samples} (acceptance rate 0): "
                 "the M-step is skipped and the run continues with the next iteration"
             )
@@ -169,7 +169,7 @@ class RolloutCallback(L.Callback):
         metrics.update({f"val/{k}": v for k, v in result.failures.items()})
         metrics["time/eval_s"] = time.perf_counter() - started
         self._log(trainer, metrics)
-        rank_zero_info(f"held-out Average@{self.eval_samples} ({label}): {100 * result.accuracy['all']:.1f}%")
+        info(f"held-out Average@{self.eval_samples} ({label}): {100 * result.accuracy['all']:.1f}%")
 
     def _export(self, trainer: L.Trainer, iteration: int) -> None:
         if self.export_dir and trainer.is_global_zero:

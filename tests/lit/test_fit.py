@@ -1,0 +1,98 @@
+"""End-to-end fits of `python train.py` in a subprocess, exactly as a user runs it: one process, 2-process
+DDP and 2-process FSDP2 (gloo on CPU). Tiny sizes; the warm start is built once and shared (cache hit)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = [
+    "iterations=2", "prompts_per_iteration=16", "batch_size=8", "updates_per_iteration=2", "eval_samples=2",
+    "data.source.n_train=300", "data.source.n_test=24", "+data.source.level_weights=[3,1,1,0,0]",
+    "model.tiny.hidden_size=64", "warmstart.steps=250", "warmstart.eval_every=0", "warmstart.lr=1e-2",
+    "rollout.sampling.max_new_tokens=24", "rollout.eval_sampling.max_new_tokens=24",
+    "rollout.generator.show_progress=false", "+trainer.enable_progress_bar=false", "allocation.n_per_prompt=8",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def train(run_dir: Path, cache: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"cache_dir={cache}", *SMALL, *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(run_dir / "tb")).Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_single_process_fit_logs_checkpoints_and_summary(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = train(run, cache)
+    out = proc.stdout + proc.stderr
+    assert "Held-out Average@2 by difficulty level" in out and "pi0" in out
+    s = scalars(run)
+    for tag in ("train/loss", "train/grad_norm", "rollout/accept_rate", "rollout/samples_cum", "rollout/tokens_cum",
+                "val/acc", "time/generation_s", "time/verification_s", "time/train_s", "reward/exact"):
+        assert tag in s, f"{tag} missing from TensorBoard"
+    assert s["rollout/samples_cum"] == [16 * 8, 2 * 16 * 8]  # every sample counted, cumulative
+    assert len(s["val/acc"]) == 3  # pi0 + after each of 2 iterations
+    assert sum(s["rollout/accept_rate"]) > 0, "the shared warm start should solve some prompts"
+    assert len(s["train/loss"]) == 2 * 2  # fixed number of updates per iteration
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "hf" / "iter_002" / "config.json").exists() and (run / "hf" / "iter_002" / "tokenizer.json").exists()
+    assert (run / "resolved_config.yaml").read_text().count("${") == 0  # resolved
+
+
+def test_second_run_reuses_the_cached_warm_start_and_resumes(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = train(run, cache, "iterations=1")
+    assert "reusing cached warm start" in proc.stdout + proc.stderr
+    resumed = train(run, cache, "iterations=2", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert "resumed at iteration 1" in resumed.stdout + resumed.stderr
+    assert len(scalars(run)["rollout/samples_cum"]) >= 2
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
+def test_two_process_fit(tmp_path, cache, trainer):
+    run = tmp_path / "run"
+    proc = train(run, cache, f"trainer={trainer}", "trainer.devices=2")
+    assert "Held-out Average@2" in proc.stdout + proc.stderr
+    s = scalars(run)
+    assert s["rollout/samples_cum"][0] == 16 * 8  # the global budget, split over both ranks
+    assert len(s["train/loss"]) == 2 * 2 and all(v == v for v in s["train/grad_norm"])
+
+
+def test_no_accepted_sample_warns_and_continues(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = train(run, cache, "warmstart=none", "iterations=2")  # an untrained policy solves nothing
+    out = proc.stdout + proc.stderr
+    assert "iteration 0: no sample accepted among 128" in out and "the run continues" in out
+    assert "train/loss" not in scalars(run)  # no update was made
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, cache):
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "model=hf", f"model.path={tmp_path}/nope"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"model.path='{tmp_path}/nope': model folder does not exist" in proc.stdout + proc.stderr
+
+
+def test_missing_dataset_file_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "data=jsonl",
+           f"data.source.train_path={tmp_path}/train.jsonl", f"data.source.test_path={tmp_path}/test.jsonl"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"dataset file not found: {tmp_path}/train.jsonl" in proc.stdout + proc.stderr
