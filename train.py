@@ -25,6 +25,7 @@ def plain(node) -> dict:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     import lightning as L
+    import transformers
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -39,6 +40,7 @@ def main(cfg: DictConfig) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    transformers.utils.logging.disable_progress_bar()  # per-save/load bars would drown the run's own
 
     task = instantiate(cfg.data.source)
     template = PromptTemplate(**plain(cfg.data.template))
@@ -72,7 +74,7 @@ def main(cfg: DictConfig) -> float:
 
     algo = plain(cfg.algo)
     keep_rejected = algo.pop("keep_rejected")
-    module = EMModule(policy, **algo)
+    module = EMModule(policy, **algo, total_updates=cfg.iterations * cfg.updates_per_iteration)
     rollout = RolloutCallback(
         instantiate(cfg.rollout.generator)(model=policy, tokenizer=tokenizer),
         instantiate(cfg.reward),
@@ -85,6 +87,8 @@ def main(cfg: DictConfig) -> float:
         export_dir=str(run_dir / "hf"),
         seed=cfg.seed,
     )
+    # last.ckpt after every iteration, holding the next iteration's rollouts: a run killed at any point resumes
+    # from the last finished iteration with `ckpt_path=<run_dir>/checkpoints/last.ckpt`.
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(_flatten(plain(cfg)))

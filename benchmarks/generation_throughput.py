@@ -39,13 +39,16 @@ def main() -> None:
 
     task = make_task(seed=0, n_train=2000, n_test=max(200, args.prompts))
     tokenizer = train_tokenizer(corpus(task.train), tempfile.mkdtemp(), vocab_size=512)
-    model = build_tiny_qwen2(tokenizer, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                             intermediate_size=4 * args.hidden, seed=0).eval()
+    model = build_tiny_qwen2(
+        tokenizer, hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=4 * args.hidden, seed=0
+    ).eval()
     _, prompts, _ = encode_prompts(task.test[: args.prompts], tokenizer, PromptTemplate(), max_prompt_tokens=512)
     sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens)
-    print(f"model: Qwen2 hidden={args.hidden} layers={args.layers} ({count_parameters(model) / 1e6:.2f}M params), "
-          f"{len(prompts)} prompts x {args.n} samples, max_new_tokens={args.max_new_tokens}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: Qwen2 hidden={args.hidden} layers={args.layers} ({count_parameters(model) / 1e6:.2f}M params), "
+        f"{len(prompts)} prompts x {args.n} samples, max_new_tokens={args.max_new_tokens}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     generator = HFGenerator(model, tokenizer, token_budget=args.token_budget)
     torch.manual_seed(0)
@@ -60,11 +63,18 @@ def main() -> None:
         for prompt in prompts:
             ids = torch.tensor([prompt])
             out = generator.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, num_return_sequences=args.n,
-                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id)
-            loop_tokens += _count_generated(out[:, ids.shape[1]:], tokenizer.eos_token_id)
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                num_return_sequences=args.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_new_tokens=sampling.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            loop_tokens += _count_generated(out[:, ids.shape[1] :], tokenizer.eos_token_id)
     loop_s = time.perf_counter() - started
 
     print(f"{'method':<28} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")

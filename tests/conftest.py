@@ -19,5 +19,12 @@ def tokenizer(task, tmp_path_factory):
 def tiny_model(tokenizer):
     from dibs.modeling import build_tiny_qwen2
 
-    return build_tiny_qwen2(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, seed=0)
+    return build_tiny_qwen2(
+        tokenizer,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        seed=0,
+    )

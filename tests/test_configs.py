@@ -13,13 +13,15 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_OPTIONS = [(g.name, f.stem) for g in sorted(CONF.iterdir()) if g.is_dir() for f in sorted(g.glob("*.yaml"))]
 
 
-def required(tmp_path: Path) -> list[str]:
-    """Values a user must give for the data=jsonl and model=hf options."""
-    rows = [{"problem": "1 + 1?", "answer": "2"}]
-    for name in ("train", "test"):
-        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return [f"data.source.train_path={tmp_path}/train.jsonl", f"data.source.test_path={tmp_path}/test.jsonl",
-            f"model.path={tmp_path}/model"]
+def required(group: str, option: str, tmp_path: Path) -> list[str]:
+    """Values a user must give for the data=jsonl and model=hf options (``???`` in their YAML)."""
+    if (group, option) == ("data", "jsonl"):
+        for name in ("train", "test"):
+            (tmp_path / f"{name}.jsonl").write_text(json.dumps({"problem": "1 + 1?", "answer": "2"}) + "\n")
+        return [f"data.source.train_path={tmp_path}/train.jsonl", f"data.source.test_path={tmp_path}/test.jsonl"]
+    if (group, option) == ("model", "hf"):
+        return [f"model.path={tmp_path}/model"]
+    return []
 
 
 def compose_with(overrides: list[str]):
@@ -30,7 +32,7 @@ def compose_with(overrides: list[str]):
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
 def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
-    overrides = [f"{group}={option}"] + [o for o in required(tmp_path) if o.split(".")[0] == group]
+    overrides = [f"{group}={option}", *required(group, option, tmp_path)]
     cfg = compose_with(overrides)
     cfg.run_dir = str(tmp_path)
     OmegaConf.resolve(cfg)

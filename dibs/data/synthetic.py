@@ -10,13 +10,16 @@ sentence per operation) and solutions are one line per operation, then the boxed
     \\boxed{56}
 
 GVM needs prompts whose acceptance rates differ, so difficulty varies widely and is labelled (see
-`difficulty_level`): operand count (2-3), digits per operand (1-3) and carries/borrows. Every intermediate
+`difficulty_level`): operand count (2-3), digits per operand (1-2) and carries/borrows. Every intermediate
 result is >= 0.
 
-Train and test are disjoint by arithmetic, not only by wording: each (operands, operators) tuple belongs to
-exactly one split, decided by a fixed hash of the tuple. The partition does not depend on the seed or on how
-many problems are drawn, so no train set of any seed contains a sum that some test set asks for. Everything
-is a pure function of the seed (`random.Random`, never the global RNG).
+Train and test are disjoint by problem text: each text belongs to exactly one split, decided by a fixed hash
+of the text, independent of the seed and of how many problems are drawn, so no train set of any seed contains
+a problem that some test set asks. The arithmetic itself may recur: levels 1-2 have only a few hundred
+distinct sums, and single-digit facts are the skill there, not something to hold out (splitting by sum was
+tried: RL then memorised the ~80 train sums of level 1 and got worse on the held-out ones). From level 3 up
+the space of sums is so large that a test sum is almost never a train sum. Everything is a pure function of
+the seed (`random.Random`, never the global RNG).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dibs.data.records import Problem
 
 LEVELS = ("1", "2", "3", "4", "5")
 SPLITS = ("train", "test")
-TEST_SHARE = 0.2  # fraction of all (operands, operators) tuples reserved for the test split
+TEST_SHARE = 0.2  # fraction of all problem texts reserved for the test split
 
 NAMES = ("Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max")  # alternating she / he
 PRONOUNS = ("She", "He")
@@ -42,10 +45,10 @@ LOSS = ("gives away {n}", "loses {n}", "sells {n}")
 # Digits allowed for each operand, per candidate shape; a draw is kept only when difficulty_level agrees.
 SHAPES: dict[str, tuple[tuple[tuple[int, ...], ...], ...]] = {
     "1": (((1,), (1,)),),
-    "2": (((2,), (2,)),),
-    "3": (((2,), (2,)), ((1,), (1,), (1,))),
-    "4": (((3,), (3,)),),
-    "5": (((2, 3), (2, 3), (2, 3)),),
+    "2": (((2,), (1,)), ((1,), (2,))),
+    "3": (((2,), (1,)), ((1,), (2,))),
+    "4": (((2,), (2,)), ((1,), (1,), (1,))),
+    "5": (((2,), (2,)), ((2,), (1,), (1,)), ((1,), (2,), (1,))),
 }
 
 Weights = Sequence[float] | None  # one per level "1".."5"; None: equal
@@ -83,20 +86,28 @@ def count_carries(a: int, b: int, op: str) -> int:
 
 
 def difficulty_level(operands: Sequence[int], ops: Sequence[str]) -> str:
-    """Level "1".."5" from the operand count, the longest operand's digits and the carries/borrows.
+    """Level "1".."5" from the operand count, the operands' digits and the carries/borrows.
 
-    two operands:   1 digit -> 1;  2 digits -> 2 without carries, else 3;  3 digits -> 3 without, else 4.
-    three operands: all 1 digit -> 3;  otherwise 5 with >= 2 carries/borrows in total, else 4.
+    two operands:    1 and 1 digit -> 1;  2 and 1 digits -> 2 without a carry, else 3;
+                     2 and 2 digits -> 4 without a carry, else 5;  any 3-digit operand -> 5.
+    three operands:  all 1 digit -> 4;  otherwise 5.
+
+    The range is matched to what the default ~0.15M-parameter model learns in a minute on a CPU: its
+    warm start solves level 1 often, level 5 rarely, so acceptance rates spread over (0, 1).
     """
     if len(operands) not in (2, 3) or len(ops) != len(operands) - 1:
         raise ValueError(f"need 2 or 3 operands and one operator fewer, got {operands} and {ops}")
-    digits = max(len(str(x)) for x in operands)
-    carries = _chain_carries(operands, ops)
-    if len(operands) == 2:
-        return "1" if digits == 1 else str(digits + (carries > 0))
-    if digits == 1:
-        return "3"
-    return "5" if carries >= 2 else "4"
+    digits = sorted(len(str(x)) for x in operands)
+    carried = _chain_carries(operands, ops) > 0
+    if len(operands) == 3:
+        return "4" if digits[-1] == 1 else "5"
+    if digits == [1, 1]:
+        return "1"
+    if digits == [1, 2]:
+        return "3" if carried else "2"
+    if digits == [2, 2]:
+        return "5" if carried else "4"
+    return "5"
 
 
 def generate_problems(n: int, *, seed: int, split: str, level_weights: Weights = None) -> list[Problem]:
@@ -135,9 +146,9 @@ def corpus(problems: Iterable[Problem]) -> list[str]:
     return [text for p in problems for text in (p.problem, p.solution) if text]
 
 
-def split_of(arithmetic: Arithmetic) -> str:
-    """The split that owns this (operands, operators) tuple: a fixed hash, independent of any seed."""
-    digest = hashlib.blake2b(repr(arithmetic).encode(), digest_size=8, person=b"dibs-synth").digest()
+def split_of(text: str) -> str:
+    """The split that owns this problem text: a fixed hash, independent of any seed."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8, person=b"dibs-synth").digest()
     return "test" if int.from_bytes(digest, "big") < TEST_SHARE * 2**64 else "train"
 
 
@@ -173,10 +184,10 @@ def _draw_problem(rng: random.Random, level: str, split: str, seen: set[str], *,
     """Rejection-sample arithmetic of this level owned by this split, worded unlike any text in `seen`."""
     for _ in range(100_000):
         arithmetic = _draw_arithmetic(rng, level)
-        if arithmetic is None or difficulty_level(*arithmetic) != level or split_of(arithmetic) != split:
+        if arithmetic is None or difficulty_level(*arithmetic) != level:
             continue
         text = _word_problem(rng, arithmetic)
-        if text not in seen:
+        if split_of(text) == split and text not in seen:
             answer = str(_evaluate(arithmetic))
             return Problem(uid=uid, problem=text, answer=answer, level=level, solution=_solution(arithmetic))
     raise ValueError(f"could not draw another distinct level-{level} {split} problem; ask for fewer")

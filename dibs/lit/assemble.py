@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dibs import __version__
 from dibs.core.verifier import MathVerifier
 from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
 from dibs.data.synthetic import TaskSplits, corpus
@@ -45,7 +46,9 @@ def prepare_policy(
         policy = load_pretrained(model["path"], dtype=model.get("dtype", "float32"))
         if warmstart["steps"] <= 0:
             return policy, tokenizer
-    key = cache_key({"task": key_settings, "model": model, "warmstart": warmstart, "template": template})
+    key = cache_key(
+        {"version": __version__, "task": key_settings, "model": model, "warmstart": warmstart, "template": template}
+    )
     folder = Path(cache_dir).expanduser() / "warmstart" / key
     cached = _wait_or_load(folder)
     if cached is not None:
@@ -109,6 +112,7 @@ def _run_sft(
             seed=warmstart["seed"],
             eval_every=warmstart["eval_every"],
             target_accuracy=warmstart["target_accuracy"],
+            schedule=warmstart["schedule"],
             measure=measure,
             out_dir=out_dir,
         )

@@ -61,11 +61,15 @@ def sft(
     target_accuracy: float,
     measure: Callable[[PreTrainedModel], float],
     out_dir: Path,
+    schedule: str = "cosine",
 ) -> WarmStartReport:
     """Train on (prompt ids, response ids) pairs with the response-only NLL; save model+report."""
     started, generator = time.perf_counter(), torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, steps))
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"warmstart.schedule={schedule!r} is not 'cosine' or 'constant'")
+    horizon = steps if schedule == "cosine" else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, horizon))
     accuracy, stopped_by, step = -1.0, "steps", 0
     model.train()
     for step in range(1, steps + 1):
@@ -75,7 +79,7 @@ def sft(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
+        scheduler.step()
         if eval_every > 0 and step % eval_every == 0:
             accuracy = measure(model.eval())
             model.train()
@@ -90,9 +94,9 @@ def sft(
 
 
 def _warmup_cosine(step: int, total: int, warmup: int = 30) -> float:
-    """Linear warm-up, then cosine decay to 0 at ``total``: the decay matters, a tiny model sampled at T=1 is
-    far more accurate after it than at a constant rate (measured on the embedded task: 4% → 10%)."""
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    """Linear warm-up, then cosine decay to 0 at ``total`` (``total`` = 0: constant after warm-up)."""
+    decay = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)) if total > 0 else 1.0
+    return min(1.0, (step + 1) / warmup) * decay
 
 
 def _nll(model: PreTrainedModel, batch: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:

@@ -14,8 +14,13 @@ def make_dm(task, tokenizer, **kw):
 
 
 def traj(n_prompt, n_resp, adv=1.0):
-    return Trajectory(torch.arange(1, n_prompt + 1), torch.arange(10, 10 + n_resp),
-                      -torch.arange(1, n_resp + 1, dtype=torch.float32), adv, adv)
+    return Trajectory(
+        torch.arange(1, n_prompt + 1),
+        torch.arange(10, 10 + n_resp),
+        -torch.arange(1, n_resp + 1, dtype=torch.float32),
+        adv,
+        adv,
+    )
 
 
 def test_collate_aligns_response_targets_and_old_logprobs():

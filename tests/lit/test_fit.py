@@ -11,11 +11,23 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [
-    "iterations=2", "prompts_per_iteration=16", "batch_size=8", "updates_per_iteration=2", "eval_samples=2",
-    "data.source.n_train=300", "data.source.n_test=24", "+data.source.level_weights=[3,1,1,0,0]",
-    "model.tiny.hidden_size=64", "warmstart.steps=250", "warmstart.eval_every=0", "warmstart.lr=1e-2",
-    "rollout.sampling.max_new_tokens=24", "rollout.eval_sampling.max_new_tokens=24",
-    "rollout.generator.show_progress=false", "+trainer.enable_progress_bar=false", "allocation.n_per_prompt=8",
+    "iterations=2",
+    "prompts_per_iteration=16",
+    "batch_size=8",
+    "updates_per_iteration=2",
+    "eval_samples=2",
+    "data.source.n_train=300",
+    "data.source.n_test=24",
+    "+data.source.level_weights=[3,1,1,0,0]",
+    "model.tiny.hidden_size=64",
+    "warmstart.steps=250",
+    "warmstart.eval_every=0",
+    "warmstart.lr=1e-2",
+    "rollout.sampling.max_new_tokens=24",
+    "rollout.eval_sampling.max_new_tokens=24",
+    "rollout.generator.show_progress=false",
+    "+trainer.enable_progress_bar=false",
+    "allocation.n_per_prompt=8",
 ]
 
 
@@ -43,8 +55,18 @@ def test_single_process_fit_logs_checkpoints_and_summary(tmp_path, cache):
     out = proc.stdout + proc.stderr
     assert "Held-out Average@2 by difficulty level" in out and "pi0" in out
     s = scalars(run)
-    for tag in ("train/loss", "train/grad_norm", "rollout/accept_rate", "rollout/samples_cum", "rollout/tokens_cum",
-                "val/acc", "time/generation_s", "time/verification_s", "time/train_s", "reward/exact"):
+    for tag in (
+        "train/loss",
+        "train/grad_norm",
+        "rollout/accept_rate",
+        "rollout/samples_cum",
+        "rollout/tokens_cum",
+        "val/acc",
+        "time/generation_s",
+        "time/verification_s",
+        "time/train_s",
+        "reward/exact",
+    ):
         assert tag in s, f"{tag} missing from TensorBoard"
     assert s["rollout/samples_cum"] == [16 * 8, 2 * 16 * 8]  # every sample counted, cumulative
     assert len(s["val/acc"]) == 3  # pi0 + after each of 2 iterations
@@ -75,12 +97,19 @@ def test_two_process_fit(tmp_path, cache, trainer):
     assert len(s["train/loss"]) == 2 * 2 and all(v == v for v in s["train/grad_norm"])
 
 
-def test_no_accepted_sample_warns_and_continues(tmp_path, cache):
-    run = tmp_path / "run"
-    proc = train(run, cache, "warmstart=none", "iterations=2")  # an untrained policy solves nothing
-    out = proc.stdout + proc.stderr
-    assert "iteration 0: no sample accepted among 128" in out and "the run continues" in out
-    assert "train/loss" not in scalars(run)  # no update was made
+def test_sweep_and_iterations_without_accepted_samples(tmp_path, cache):
+    # a 2-run Hydra multirun of an untrained policy, which solves nothing: each run warns and goes on
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={cache}", *SMALL,
+           "warmstart=none", "seed=0,1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = proc.stdout + proc.stderr + "".join(p.read_text() for p in sweep.glob("*/*.log"))
+    assert out.count("iteration 0: no sample accepted among 128") == 2 and "the run continues" in out
+    for run in (sweep / "0", sweep / "1"):
+        assert "train/loss" not in scalars(run)  # no update was made
+        assert len(scalars(run)["val/acc"]) == 3  # but every iteration ran and was evaluated
+        assert (run / "resolved_config.yaml").exists()
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path, cache):
@@ -91,8 +120,14 @@ def test_missing_model_path_is_a_clear_error(tmp_path, cache):
 
 
 def test_missing_dataset_file_is_a_clear_error(tmp_path):
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "data=jsonl",
-           f"data.source.train_path={tmp_path}/train.jsonl", f"data.source.test_path={tmp_path}/test.jsonl"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"hydra.run.dir={tmp_path}",
+        "data=jsonl",
+        f"data.source.train_path={tmp_path}/train.jsonl",
+        f"data.source.test_path={tmp_path}/test.jsonl",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"dataset file not found: {tmp_path}/train.jsonl" in proc.stdout + proc.stderr

@@ -43,8 +43,9 @@ def test_token_budget_chunks_give_same_logprob_semantics(tiny_model, tokenizer, 
     out = gen.generate(prompts[:2], [2, 2], SamplingParams(max_new_tokens=6))
     for prompt, group in zip(prompts[:2], out):
         for c in group:
-            torch.testing.assert_close(c.logprobs, unbatched_logprobs(gen.model, prompt, c.token_ids, 1.0),
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                c.logprobs, unbatched_logprobs(gen.model, prompt, c.token_ids, 1.0), atol=1e-4, rtol=1e-4
+            )
 
 
 def test_sampling_is_reproducible_under_a_seed(tiny_model, tokenizer, prompts):
