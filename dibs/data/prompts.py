@@ -39,6 +39,8 @@ def encode_prompts(
     """Token ids of each rendered prompt. Prompts longer than ``max_prompt_tokens`` are dropped and
     reported (uid and length) rather than truncated: a cut prompt is a different problem."""
     kept, ids, dropped = [], [], []
+    if not problems:
+        return kept, ids, dropped
     texts = [template.render(tokenizer, p.problem) for p in problems]
     for problem, encoded in zip(problems, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         if len(encoded) > max_prompt_tokens:

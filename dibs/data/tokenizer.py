@@ -80,7 +80,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
     path = Path(path)
     missing = [name for name in TOKENIZER_FILES if not (path / name).is_file()]
-    if missing:
+    if missing and not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         raise FileNotFoundError(
             f"tokenizer folder not found or incomplete: {path} (missing {', '.join(missing)}); "
             "train one with dibs.data.tokenizer.train_tokenizer"

@@ -42,8 +42,8 @@ def prepare_policy(
 ):
     """Returns (policy, tokenizer). ``model`` holds the model config group; ``warmstart`` the SFT group."""
     if model.get("path"):
+        policy = load_pretrained(model["path"], dtype=model.get("dtype", "float32"))  # checks the path first
         tokenizer = load_tokenizer(model["path"])
-        policy = load_pretrained(model["path"], dtype=model.get("dtype", "float32"))
         if warmstart["steps"] <= 0:
             return policy, tokenizer
     key = cache_key(
@@ -61,7 +61,7 @@ def prepare_policy(
     staging = folder.with_name(f"{key}.tmp-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     if model.get("path"):
-        tokenizer, policy = load_tokenizer(model["path"]), load_pretrained(model["path"], dtype=model["dtype"])
+        policy, tokenizer = load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
     else:
         tokenizer = train_tokenizer(corpus(task.train), staging, vocab_size=model["vocab_size"])
         policy = build_tiny_qwen2(tokenizer, **model["tiny"], seed=warmstart["seed"])

@@ -10,7 +10,7 @@ number of samples, so every method gets the same number of optimiser updates per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -86,6 +86,7 @@ class EMDataModule(L.LightningDataModule):
         self.iteration = -1  # the iteration whose trajectories are held
         self.trajectories: list[Trajectory] = []
         self.skip_updates = False
+        self.rollout_fn: Callable[[int], None] | None = None  # set by the rollout callback: runs an E-step
 
     def iteration_prompts(self, iteration: int, rank: int = 0, world_size: int = 1) -> list[int]:
         """Indices into the train pool of this rank's prompts for ``iteration`` (same draw on all ranks)."""
@@ -103,8 +104,11 @@ class EMDataModule(L.LightningDataModule):
         self.iteration, self.trajectories, self.skip_updates = iteration, trajectories, skip_updates
 
     def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else self.iteration
+        if self.iteration != epoch and self.rollout_fn is not None:
+            self.rollout_fn(epoch)  # first epoch, or a resumed run whose checkpoint lacks this epoch's rollouts
         if not self.trajectories:
-            raise RuntimeError("train_dataloader() called before the E-step filled the trajectories")
+            raise RuntimeError("train_dataloader() called before an E-step filled the trajectories")
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.iteration)
         # Without replacement; cycles through fresh permutations when updates × batch > samples.
         sampler = RandomSampler(

@@ -1,7 +1,11 @@
 """The rollout callback: the E-step of every EM iteration, held-out evaluation and HF exports.
 
 Hook order (see DESIGN.md): Lightning reloads the train dataloader BEFORE ``on_train_epoch_start``, so
-the E-step for epoch k runs in ``on_fit_start`` (k = 0) and in ``on_train_epoch_end`` of epoch k − 1.
+the E-step for epoch k runs in ``on_train_epoch_end`` of epoch k − 1, where the epoch-end checkpoint then
+holds its rollouts. The first E-step, and any a resumed run lacks, runs when the DataModule is asked for a
+dataloader whose rollouts are missing (``EMDataModule.rollout_fn``): that is the first moment at which a
+resumed run's epoch, weights and DataModule state are all restored (``on_fit_start`` comes before the loop
+state is restored, and under FSDP strategies before the weights too).
 Each E-step: push the policy's weights into the generator, allocate n_i per prompt, sample, verify,
 turn rewards into RAFT advantages and hand the trajectories to the DataModule.
 """
@@ -55,22 +59,21 @@ class RolloutCallback(L.Callback):
         self.totals = {"samples": 0, "tokens": 0, "accepted": 0}
         self.evals: list[EvalResult] = []
         self._train_started = 0.0
+        self._pushed_at = -1  # global step of the weights the generator holds
 
     # ---- hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._push_weights(pl_module)
-        if trainer.datamodule.iteration == trainer.current_epoch:
-            info(f"resumed at iteration {trainer.current_epoch}: reusing its checkpointed rollouts")
-            return
-        self._evaluate(trainer, pl_module, label="pi0")
-        self._e_step(trainer, trainer.current_epoch)
+        trainer.datamodule.rollout_fn = lambda iteration: self._e_step(trainer, iteration)
+        if trainer.ckpt_path is None:  # a resumed run keeps the pi0 evaluation of its first run
+            self._evaluate(trainer, pl_module, label="pi0")
+        else:
+            info(f"resuming from {trainer.ckpt_path}")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, {"time/train_s": time.perf_counter() - self._train_started})
-        self._push_weights(pl_module)
         self._evaluate(trainer, pl_module, label=f"iteration {trainer.current_epoch + 1}")
         self._export(trainer, trainer.current_epoch + 1)
         if trainer.current_epoch + 1 < trainer.max_epochs:
@@ -94,6 +97,7 @@ class RolloutCallback(L.Callback):
 
     # ---- E-step ------------------------------------------------------------------------------
     def _e_step(self, trainer: L.Trainer, iteration: int) -> None:
+        self._push_weights(trainer)
         dm, rank, world = trainer.datamodule, trainer.global_rank, trainer.world_size
         indices = dm.iteration_prompts(iteration, rank, world)
         global_n = self.allocator.allocate(len(dm.iteration_prompts(iteration)))
@@ -150,10 +154,14 @@ class RolloutCallback(L.Callback):
         self._log_texts(trainer, dm, flat, result, iteration)
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _push_weights(self, pl_module: L.LightningModule) -> None:
-        self.generator.load_weights(full_state_dict(pl_module.policy).items())
+    def _push_weights(self, trainer: L.Trainer) -> None:
+        """Load the policy's current weights into the generator, once per optimiser step count."""
+        if self._pushed_at != trainer.global_step:
+            self.generator.load_weights(full_state_dict(trainer.lightning_module.policy).items())
+            self._pushed_at = trainer.global_step
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str) -> None:
+        self._push_weights(trainer)
         torch.manual_seed(self.seed * 1_000_003 + 7_777_777 + len(self.evals))
         started = time.perf_counter()
         result = evaluate(
