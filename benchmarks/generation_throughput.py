@@ -5,8 +5,9 @@ sampling parameters; the loop issues one ``generate(num_return_sequences=n)`` ca
 batches all rows into left-padded chunks of at most ``--token-budget`` tokens. Generated tokens are
 counted up to and including EOS (padding excluded); the kit's time includes its log-prob pass.
 
-    python benchmarks/generation_throughput.py                    # tiny default model
-    python benchmarks/generation_throughput.py --hidden 256 --layers 4
+    python benchmarks/generation_throughput.py                    # the default job's model and n = 4
+    python benchmarks/generation_throughput.py --n 8 --prompts 64
+    python benchmarks/generation_throughput.py --hidden 256 --layers 4 --prompts 32
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--n", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt (the default job's best-of-n)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)

@@ -36,7 +36,15 @@ def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
     cfg = compose_with(overrides)
     cfg.run_dir = str(tmp_path)
     OmegaConf.resolve(cfg)
-    assert cfg[group] is not None or group == "experiment"
+    if group == "experiment":  # a preset must change something
+        default = compose_with([])
+        default.run_dir = str(tmp_path)
+        OmegaConf.resolve(default)
+        mine, base = OmegaConf.to_container(cfg), OmegaConf.to_container(default)
+        mine.pop("hydra"), base.pop("hydra")  # the override list differs by construction
+        assert mine != base
+    else:
+        assert cfg[group] is not None
     task = instantiate(cfg.data.source)
     assert task.train and task.test
     instantiate(cfg.allocation).allocate(3)
