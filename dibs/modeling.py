@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
-__all__ = ["build_tiny_qwen2", "load_pretrained", "count_parameters"]
+__all__ = ["build_tiny_qwen2", "require_model_folder", "load_pretrained", "count_parameters"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,12 +46,18 @@ def build_tiny_qwen2(
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def load_pretrained(path: str | Path, *, dtype: str = "float32", key: str = "model.path") -> PreTrainedModel:
-    """Load a local checkpoint folder; ``key`` names the config entry in the error message."""
+def require_model_folder(path: str | Path, key: str = "model.path") -> Path:
+    """The folder of a local checkpoint, or a FileNotFoundError naming the config entry ``key``."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no config.json"
         raise FileNotFoundError(f"{key}={path!r}: model folder {what} (expected a save_pretrained folder)")
+    return folder
+
+
+def load_pretrained(path: str | Path, *, dtype: str = "float32", key: str = "model.path") -> PreTrainedModel:
+    """Load a local checkpoint folder; ``key`` names the config entry in the error message."""
+    folder = require_model_folder(path, key)
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)

@@ -6,8 +6,9 @@ training policy, ``mask[b, t]`` is 1 where that target token belongs to the resp
 - RAFT (vanilla):  A = max(r, 0);  loss = token-mean(−A · log π)            (SFT on accepted samples)
 - RAFT++:          ratio = exp(log π − log π_old)
                    loss = token-mean(max(−A · ratio, −A · clip(ratio, 1 − ε_low, 1 + ε_high)))
-Token-mean runs over ALL response tokens of the micro-batch, rejected samples included (they add to the
-denominator only), as in the reference implementation.
+Token-mean runs over all response tokens of the micro-batch it is given. The reference feeds it rejected
+samples too (A = 0: they add to the denominator only); the kit's ``algo.keep_rejected`` chooses whether the
+E-step hands them to the M-step at all.
 """
 
 from __future__ import annotations

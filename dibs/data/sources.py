@@ -32,6 +32,7 @@ def load_splits(
             level_key=level_key,
             solution_key=solution_key,
             on_bad_row=on_bad_row,
+            source=f"data.source.{split}_path",
         )
         for message in skipped:
             log.warning("skipped bad row: %s", message)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dibs import __version__
 from dibs.core.verifier import MathVerifier
 from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
@@ -22,7 +24,7 @@ from dibs.data.synthetic import TaskSplits, corpus
 from dibs.data.tokenizer import load_tokenizer, train_tokenizer
 from dibs.lit.logs import info
 from dibs.lit.warmstart import WarmStartReport, cache_key, load_cached, sft
-from dibs.modeling import build_tiny_qwen2, count_parameters, load_pretrained
+from dibs.modeling import DTYPES, build_tiny_qwen2, count_parameters, load_pretrained, require_model_folder
 from dibs.rollout.base import SamplingParams
 from dibs.rollout.hf import HFGenerator
 
@@ -42,15 +44,14 @@ def prepare_policy(
 ):
     """Returns (policy, tokenizer). ``model`` holds the model config group; ``warmstart`` the SFT group."""
     if model.get("path"):
-        policy = load_pretrained(model["path"], dtype=model.get("dtype", "float32"))  # checks the path first
-        tokenizer = load_tokenizer(model["path"])
+        require_model_folder(model["path"])  # a wrong path fails before anything else runs
         if warmstart["steps"] <= 0:
-            return policy, tokenizer
+            return load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
     key = cache_key(
         {"version": __version__, "task": key_settings, "model": model, "warmstart": warmstart, "template": template}
     )
     folder = Path(cache_dir).expanduser() / "warmstart" / key
-    cached = _wait_or_load(folder)
+    cached = _wait_or_load(folder, DTYPES[model.get("dtype") or "float32"])
     if cached is not None:
         policy, report = cached
         info(
@@ -101,31 +102,35 @@ def _run_sft(
         golds = [p.answer for p, g in zip(probe, groups) for _ in g]
         return float(verifier.score(texts, golds).rewards.mean())
 
-    try:
-        return sft(
-            policy,
-            tokenizer,
-            examples,
-            steps=warmstart["steps"],
-            batch_size=warmstart["batch_size"],
-            lr=warmstart["lr"],
-            seed=warmstart["seed"],
-            eval_every=warmstart["eval_every"],
-            target_accuracy=warmstart["target_accuracy"],
-            schedule=warmstart["schedule"],
-            measure=measure,
-            out_dir=out_dir,
-        )
-    finally:
-        verifier.close()
+    # The stop rule samples from the global RNG: seed it from the warm start's own seed, so pi0 (which is
+    # cached without the training seed in its key) never depends on which training seed ran first.
+    with torch.random.fork_rng():
+        torch.manual_seed(warmstart["seed"])
+        try:
+            return sft(
+                policy,
+                tokenizer,
+                examples,
+                steps=warmstart["steps"],
+                batch_size=warmstart["batch_size"],
+                lr=warmstart["lr"],
+                seed=warmstart["seed"],
+                eval_every=warmstart["eval_every"],
+                target_accuracy=warmstart["target_accuracy"],
+                schedule=warmstart["schedule"],
+                measure=measure,
+                out_dir=out_dir,
+            )
+        finally:
+            verifier.close()
 
 
-def _wait_or_load(folder: Path, timeout_s: float = 1800.0):
+def _wait_or_load(folder: Path, dtype: torch.dtype, timeout_s: float = 1800.0):
     """Rank 0 builds the cache; other ranks of a simultaneous launch wait for its folder to appear."""
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     deadline = time.monotonic() + (timeout_s if rank > 0 else 0.0)
     while True:
-        cached = load_cached(folder)
+        cached = load_cached(folder, dtype)
         if cached is not None or time.monotonic() >= deadline:
             return cached
         time.sleep(2.0)

@@ -1,9 +1,9 @@
 """The EM DataModule: re-samples the iteration's prompts every epoch and serves its trajectories.
 
-Every rank draws the same global prompt subset (seeded by the iteration) and keeps its own slice; the
-rollout callback fills in the trajectories before the epoch starts (Lightning reloads the train
-dataloader before ``on_train_epoch_start``, so the E-step runs in ``on_fit_start`` and in the previous
-epoch's ``on_train_epoch_end``). The loader yields exactly ``updates_per_iteration`` batches, whatever the
+Every rank draws the same global prompt subset (seeded by the iteration) and keeps its own slice. The
+rollout callback fills in the trajectories before the epoch starts: in the previous epoch's
+``on_train_epoch_end``, or through ``rollout_fn`` when ``train_dataloader()`` finds them missing (the first
+epoch, a resumed run). The loader yields exactly ``updates_per_iteration`` batches, whatever the
 number of samples, so every method gets the same number of optimiser updates per iteration.
 """
 

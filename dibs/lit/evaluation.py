@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dibs.core.metrics import level_accuracy, level_sums
+from dibs.core.verifier import STATUSES
 from dibs.rollout.base import Generator, SamplingParams
 
 __all__ = ["EvalResult", "evaluate", "reduce_sum", "format_summary"]
@@ -51,7 +52,7 @@ def evaluate(
     result = verifier.score(texts, golds) if texts else None
     rewards = result.rewards if result is not None else np.zeros(0)
     counts = result.counts() if result is not None else {}
-    failure_keys = ("no_answer", "too_long", "parse_error", "timeout")
+    failure_keys = tuple(s for s in STATUSES if s not in ("exact", "verified", "rejected"))
     local = np.concatenate([level_sums(rewards, levels, all_levels).ravel(), [counts.get(k, 0) for k in failure_keys]])
     total = reduce_sum(trainer, local)
     sums = total[: 2 * len(all_levels)].reshape(2, len(all_levels))

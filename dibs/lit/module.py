@@ -68,8 +68,9 @@ class EMModule(L.LightningModule):
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if batch["skip"]:
-            return None  # globally nothing accepted: no update (decided identically on every rank)
+        if batch["skip"]:  # globally nothing accepted: no update (decided identically on every rank)
+            self.lr_schedulers().step()  # the schedule still counts the update slot, so it ends where planned
+            return None
         optimizer = self.optimizers()
         logp = sequence_logprobs(
             self._forward, batch["input_ids"], batch["attention_mask"], self.hparams.temperature

@@ -63,7 +63,15 @@ class RolloutCallback(L.Callback):
 
     # ---- hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.datamodule.rollout_fn = lambda iteration: self._e_step(trainer, iteration)
+        dm = trainer.datamodule
+        if dm.prompts_per_iteration < trainer.world_size:  # a rank without prompts would stall the others
+            raise ValueError(
+                f"prompts_per_iteration={dm.prompts_per_iteration} is below the {trainer.world_size} "
+                "processes: every rank needs at least one prompt"
+            )
+        if hasattr(self.generator, "to"):  # the generator's copy was made before Lightning placed the policy
+            self.generator.to(trainer.strategy.root_device)
+        dm.rollout_fn = lambda iteration: self._e_step(trainer, iteration)
         if trainer.ckpt_path is None:  # a resumed run keeps the pi0 evaluation of its first run
             self._evaluate(trainer, pl_module, label="pi0")
         else:
@@ -144,7 +152,6 @@ class RolloutCallback(L.Callback):
             "rollout/mean_response_tokens": tokens / samples,
             "rollout/samples_cum": self.totals["samples"],
             "rollout/tokens_cum": self.totals["tokens"],
-            "reward/mean": n_accepted / samples,
             "time/generation_s": generated - started,
             "time/verification_s": verified - generated,
             "iteration": iteration,

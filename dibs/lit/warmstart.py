@@ -40,11 +40,11 @@ def cache_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_cached(folder: Path) -> tuple[PreTrainedModel, WarmStartReport] | None:
+def load_cached(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, WarmStartReport] | None:
     report = folder / "warmstart.json"
     if not report.is_file():
         return None
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     return model, WarmStartReport(**json.loads(report.read_text()))
 
 

@@ -57,6 +57,10 @@ class HFGenerator:
                     raise KeyError(f"generator model has no parameter named {name!r}")
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
+    def to(self, device: torch.device | str) -> HFGenerator:
+        self.model.to(device)
+        return self
+
     def sleep(self) -> None:  # nothing to release: the HF model is small next to the trainer's state
         pass
 
