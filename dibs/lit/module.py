@@ -10,7 +10,6 @@ then the root) in ``configure_model``; under DDP or a single device it is used a
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from dibs.core.logprobs import sequence_logprobs
 from dibs.core.losses import LOSSES
+from dibs.core.schedules import warmup_cosine
 
 __all__ = ["EMModule"]
 
@@ -103,8 +103,5 @@ class EMModule(L.LightningModule):
         Adam's first steps move every weight by about lr whatever the gradient's size: the warm-up keeps that
         from wrecking a warm-started policy (measured on the embedded task: −4 points after iteration 1)."""
         hp = self.hparams
-        warm = min(1.0, (step + 1) / max(hp.warmup_updates, 1))
-        if hp.lr_schedule == "constant" or hp.total_updates <= 0:
-            return warm
-        progress = min(step / hp.total_updates, 1.0)
-        return warm * (hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        total = hp.total_updates if hp.lr_schedule == "cosine" else 0
+        return warmup_cosine(step, warmup=hp.warmup_updates, total=total, floor=hp.min_lr_ratio)

@@ -73,7 +73,7 @@ class RolloutCallback(L.Callback):
             self.generator.to(trainer.strategy.root_device)
         dm.rollout_fn = lambda iteration: self._e_step(trainer, iteration)
         if trainer.ckpt_path is None:  # a resumed run keeps the pi0 evaluation of its first run
-            self._evaluate(trainer, pl_module, label="pi0")
+            self._evaluate(trainer, label="pi0")
         else:
             info(f"resuming from {trainer.ckpt_path}")
 
@@ -82,7 +82,7 @@ class RolloutCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, {"time/train_s": time.perf_counter() - self._train_started})
-        self._evaluate(trainer, pl_module, label=f"iteration {trainer.current_epoch + 1}")
+        self._evaluate(trainer, label=f"iteration {trainer.current_epoch + 1}")
         self._export(trainer, trainer.current_epoch + 1)
         if trainer.current_epoch + 1 < trainer.max_epochs:
             self._e_step(trainer, trainer.current_epoch + 1)
@@ -167,7 +167,7 @@ class RolloutCallback(L.Callback):
             self.generator.load_weights(full_state_dict(trainer.lightning_module.policy).items())
             self._pushed_at = trainer.global_step
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str) -> None:
+    def _evaluate(self, trainer: L.Trainer, label: str) -> None:
         self._push_weights(trainer)
         torch.manual_seed(self.seed * 1_000_003 + 7_777_777 + len(self.evals))
         started = time.perf_counter()

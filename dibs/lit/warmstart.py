@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from dibs.core.batching import pad_right
 from dibs.core.logprobs import sequence_logprobs
 from dibs.core.losses import masked_mean
+from dibs.core.schedules import warmup_cosine
 
 __all__ = ["WarmStartReport", "cache_key", "load_cached", "sft"]
 
@@ -69,7 +69,7 @@ def sft(
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"warmstart.schedule={schedule!r} is not 'cosine' or 'constant'")
     horizon = steps if schedule == "cosine" else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, horizon))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup=30, total=horizon))
     accuracy, stopped_by, step = -1.0, "steps", 0
     model.train()
     for step in range(1, steps + 1):
@@ -91,12 +91,6 @@ def sft(
     tokenizer.save_pretrained(out_dir)
     (out_dir / "warmstart.json").write_text(json.dumps(report.__dict__, indent=2))
     return report
-
-
-def _warmup_cosine(step: int, total: int, warmup: int = 30) -> float:
-    """Linear warm-up, then cosine decay to 0 at ``total`` (``total`` = 0: constant after warm-up)."""
-    decay = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)) if total > 0 else 1.0
-    return min(1.0, (step + 1) / warmup) * decay
 
 
 def _nll(model: PreTrainedModel, batch: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
