@@ -3,7 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup train test lint
+GRID ?= raft_vs_raftpp
+SWEEP ?= multirun/$(GRID)/$(shell date +%Y-%m-%d_%H-%M-%S)
+SWEEP := $(SWEEP)
+REPORT ?= $(SWEEP)/report
+
+.PHONY: setup train test lint grid report
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
@@ -15,3 +20,10 @@ test: setup  ## the test suite (CPU; gpu/vllm tests skip themselves)
 
 lint: setup
 	$(VENV)/bin/ruff check dibs tests train.py
+
+grid: setup  ## a grid end to end: `make grid GRID=raft_vs_raftpp [ARGS="seed=0,1"]`, then its report
+	$(PY) train.py -m +grid=$(GRID) hydra.sweep.dir=$(SWEEP) $(ARGS)
+	$(PY) -m dibs.report $(SWEEP) --out $(REPORT)
+
+report: setup  ## the report of a finished grid: `make report SWEEP=multirun/<grid>/<time>`
+	$(PY) -m dibs.report $(SWEEP) --out $(REPORT)

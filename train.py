@@ -13,9 +13,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dibs.conf import register_resolvers
+
 # Heavy imports (lightning, transformers) live inside main(): the verifier's worker processes re-import this
 # file's top level when they start, and must not pay for them.
 log = logging.getLogger("dibs")
+register_resolvers()
 
 
 def plain(node) -> dict:
@@ -29,8 +32,9 @@ def main(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from dibs.core.budget import Budget
     from dibs.data.prompts import PromptTemplate
-    from dibs.lit.assemble import prepare_policy
+    from dibs.lit.assemble import prepare_policy, schedule_horizon
     from dibs.lit.datamodule import EMDataModule
     from dibs.lit.module import EMModule
     from dibs.lit.rollout import RolloutCallback
@@ -39,6 +43,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    budget = Budget.from_config(**plain(cfg.budget))  # a bad budget fails before the warm start
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     transformers.utils.logging.disable_progress_bar()  # per-save/load bars would drown the run's own
 
@@ -72,13 +77,17 @@ def main(cfg: DictConfig) -> float:
     for message in datamodule.dropped:
         log.warning("dropped over-long prompt: %s", message)
 
+    allocator = instantiate(cfg.allocation)
+    horizon = schedule_horizon(
+        budget, allocator, cfg.iterations, cfg.updates_per_iteration, len(datamodule.iteration_prompts(0))
+    )
     algo = plain(cfg.algo)
     keep_rejected = algo.pop("keep_rejected")
-    module = EMModule(policy, **algo, total_updates=cfg.iterations * cfg.updates_per_iteration)
+    module = EMModule(policy, **algo, total_updates=horizon * cfg.updates_per_iteration)
     rollout = RolloutCallback(
         instantiate(cfg.rollout.generator)(model=policy, tokenizer=tokenizer),
         instantiate(cfg.reward),
-        instantiate(cfg.allocation),
+        allocator,
         tokenizer,
         sampling=sampling,
         eval_sampling=eval_sampling,
@@ -86,6 +95,7 @@ def main(cfg: DictConfig) -> float:
         keep_rejected=keep_rejected,
         export_dir=str(run_dir / "hf"),
         seed=cfg.seed,
+        budget=budget,
     )
     # last.ckpt after every iteration, holding the next iteration's rollouts: a run killed at any point resumes
     # from the last finished iteration with `ckpt_path=<run_dir>/checkpoints/last.ckpt`.

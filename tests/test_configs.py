@@ -9,7 +9,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from dibs.conf import register_resolvers
+
+register_resolvers()
 CONF = Path(__file__).resolve().parents[1] / "conf"
+GRIDS = sorted((CONF.parent / "experiments" / "grid").glob("*.yaml"))
 GROUP_OPTIONS = [(g.name, f.stem) for g in sorted(CONF.iterdir()) if g.is_dir() for f in sorted(g.glob("*.yaml"))]
 
 
@@ -57,3 +61,20 @@ def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
 
 def test_group_options_were_found():
     assert {"data", "model", "rollout", "algo", "allocation", "trainer", "logger"} <= {g for g, _ in GROUP_OPTIONS}
+
+
+@pytest.mark.parametrize("grid", [g.stem for g in GRIDS])
+def test_every_grid_composes_and_names_existing_axes(grid, tmp_path):
+    cfg = compose_with([f"+grid={grid}"])
+    cfg.run_dir = str(tmp_path)
+    axes = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    assert axes == OmegaConf.to_container(cfg.grid.axes) and "seed" in axes
+    default = compose_with([])
+    for key in axes:  # an axis is a config group or an existing key: a typo would sweep nothing
+        assert OmegaConf.select(default, key.lstrip("+~"), default="<absent>") != "<absent>", key
+        assert len(str(axes[key]).split(",")) >= 2, f"{grid}: axis {key} has a single value"
+    assert sum(v is not None for v in cfg.budget.values()) == 1, "a grid compares methods at equal cost"
+
+
+def test_grids_were_found():
+    assert GRIDS, "experiments/grid/ holds no grid"

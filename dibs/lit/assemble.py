@@ -18,17 +18,19 @@ from typing import Any
 import torch
 
 from dibs import __version__
+from dibs.core.allocation import Allocator
+from dibs.core.budget import Budget
 from dibs.core.verifier import MathVerifier
 from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
 from dibs.data.synthetic import TaskSplits, corpus
 from dibs.data.tokenizer import load_tokenizer, train_tokenizer
-from dibs.lit.logs import info
+from dibs.lit.logs import info, warn
 from dibs.lit.warmstart import WarmStartReport, cache_key, load_cached, sft
 from dibs.modeling import DTYPES, build_tiny_qwen2, count_parameters, load_pretrained, require_model_folder
 from dibs.rollout.base import SamplingParams
 from dibs.rollout.hf import HFGenerator
 
-__all__ = ["prepare_policy"]
+__all__ = ["prepare_policy", "schedule_horizon"]
 
 
 def prepare_policy(
@@ -134,3 +136,28 @@ def _wait_or_load(folder: Path, dtype: torch.dtype, timeout_s: float = 1800.0):
         if cached is not None or time.monotonic() >= deadline:
             return cached
         time.sleep(2.0)
+
+
+def schedule_horizon(
+    budget: Budget, allocator: Allocator, iterations: int, updates_per_iteration: int, prompts: int
+) -> int:
+    """Iterations the learning-rate schedule spans: ``iterations``, or fewer when a budget ends the run sooner.
+
+    Warns when the ``iterations`` cap will stop a run before it spends its budget.
+    """
+    if not budget.enabled:
+        return iterations
+    per_iteration = {
+        "samples_per_iteration": allocator.pilot_samples * prompts + allocator.budget(prompts),
+        "updates_per_iteration": updates_per_iteration,
+    }
+    needed = budget.planned_iterations(10**9, **per_iteration)
+    if budget.unit != "tokens" and needed > iterations:
+        warn(
+            f"budget.{budget.unit}={budget.amount} needs {needed} iterations but iterations={iterations} caps "
+            "the run: it will stop short of its budget"
+        )
+    horizon = budget.planned_iterations(iterations, **per_iteration)
+    unforeseen = " (the iterations cap: a token budget cannot be foreseen)" if budget.unit == "tokens" else ""
+    info(f"budget: {budget.amount} {budget.unit}; the learning-rate schedule spans {horizon} iterations{unforeseen}")
+    return horizon

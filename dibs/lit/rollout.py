@@ -8,6 +8,11 @@ resumed run's epoch, weights and DataModule state are all restored (``on_fit_sta
 state is restored, and under FSDP strategies before the weights too).
 Each E-step: push the policy's weights into the generator, allocate n_i per prompt, sample, verify,
 turn rewards into RAFT advantages and hand the trajectories to the DataModule.
+
+Costs (``dibs.core.budget``): cumulative generated samples, response tokens, optimiser updates and the
+seconds spent generating, verifying and training are logged as ``cost/*`` at every evaluation, at the same
+step as ``val/*``, so accuracy can be plotted against any of them. With a budget, the run stops after the
+iteration whose generation reached it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 from dibs.core.allocation import Allocator
+from dibs.core.budget import Budget
 from dibs.core.losses import raft_advantages
 from dibs.core.verifier import STATUSES
 from dibs.lit.datamodule import Trajectory
@@ -47,6 +53,7 @@ class RolloutCallback(L.Callback):
         text_samples: int = 3,
         export_dir: str | None = None,
         seed: int = 0,
+        budget: Budget | None = None,
     ) -> None:
         self.generator, self.verifier, self.allocator, self.tokenizer = generator, verifier, allocator, tokenizer
         self.sampling, self.eval_sampling, self.eval_samples = sampling, eval_sampling, eval_samples
@@ -56,7 +63,10 @@ class RolloutCallback(L.Callback):
             export_dir,
             seed,
         )
-        self.totals = {"samples": 0, "tokens": 0, "accepted": 0}
+        self.budget = budget or Budget()
+        # Cumulative, all ranks: generated samples and response tokens, accepted samples, and the seconds this
+        # rank spent in E-steps and M-steps (evaluation, exports and checkpoints excluded).
+        self.totals = {"samples": 0, "tokens": 0, "accepted": 0, "wall_s": 0.0}
         self.evals: list[EvalResult] = []
         self._train_started = 0.0
         self._pushed_at = -1  # global step of the weights the generator holds
@@ -81,10 +91,18 @@ class RolloutCallback(L.Callback):
         self._train_started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log(trainer, {"time/train_s": time.perf_counter() - self._train_started})
+        train_s = time.perf_counter() - self._train_started
+        self.totals["wall_s"] += train_s
+        self._log(trainer, {"time/train_s": train_s})
         self._evaluate(trainer, label=f"iteration {trainer.current_epoch + 1}")
         self._export(trainer, trainer.current_epoch + 1)
-        if trainer.current_epoch + 1 < trainer.max_epochs:
+        if self.budget.reached(self.costs(trainer)):  # the same global counters on every rank
+            info(
+                f"budget reached after iteration {trainer.current_epoch + 1}: "
+                f"{self.budget.spent(self.costs(trainer)):.0f} {self.budget.unit} >= {self.budget.amount}"
+            )
+            trainer.should_stop = True
+        elif trainer.current_epoch + 1 < trainer.max_epochs:
             self._e_step(trainer, trainer.current_epoch + 1)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,11 +118,21 @@ class RolloutCallback(L.Callback):
         return {"totals": dict(self.totals), "evals": [e.__dict__ for e in self.evals]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.totals = dict(state["totals"])
+        self.totals.update(state["totals"])
         self.evals = [EvalResult(**e) for e in state["evals"]]
+
+    def costs(self, trainer: L.Trainer) -> dict[str, float]:
+        """Cumulative costs so far, in the units of ``dibs.core.budget`` plus wall seconds."""
+        return {
+            "samples": self.totals["samples"],
+            "tokens": self.totals["tokens"],
+            "updates": trainer.global_step,  # optimiser steps taken (a skipped iteration takes none)
+            "wall_s": self.totals["wall_s"],
+        }
 
     # ---- E-step ------------------------------------------------------------------------------
     def _e_step(self, trainer: L.Trainer, iteration: int) -> None:
+        e_started = time.perf_counter()
         self._push_weights(trainer)
         dm, rank, world = trainer.datamodule, trainer.global_rank, trainer.world_size
         indices = dm.iteration_prompts(iteration, rank, world)
@@ -144,6 +172,7 @@ class RolloutCallback(L.Callback):
         dm.set_trajectories(iteration, trajectories if self.keep_rejected or not accepted else accepted, skip)
         for key, value in (("samples", samples), ("tokens", tokens), ("accepted", n_accepted)):
             self.totals[key] += value
+        self.totals["wall_s"] += time.perf_counter() - e_started
         metrics = {
             "rollout/samples": samples,
             "rollout/tokens": tokens,
@@ -183,6 +212,7 @@ class RolloutCallback(L.Callback):
         metrics = {f"val/acc_level_{lv}" if lv != "all" else "val/acc": v for lv, v in result.accuracy.items()}
         metrics.update({f"val/{k}": v for k, v in result.failures.items()})
         metrics["time/eval_s"] = time.perf_counter() - started
+        metrics.update({f"cost/{k}": v for k, v in self.costs(trainer).items()})
         self._log(trainer, metrics)
         info(f"held-out Average@{self.eval_samples} ({label}): {100 * result.accuracy['all']:.1f}%")
 
