@@ -3,14 +3,16 @@
 - ``dibs.root``: the checkout. ``conf/config.yaml`` adds ``<root>/experiments`` to Hydra's search path, so the
   grids in ``experiments/grid/`` are selectable as ``+grid=<name>`` from any working directory.
 - ``dibs.run_name``: the folder name of a run in a multirun, made from its axis values (``algo=raft,seed=0``).
-  In a grid the axes are the grid's (``hydra.sweeper.params``); in a plain command-line sweep, which Hydra does
-  not tell a job apart from its fixed overrides, every override names the run, as Hydra's own
-  ``override_dirname`` does, shortened with a hash when it would not make a usable file name.
+  The axes are the grid's (``hydra.sweeper.params``) plus any key swept on the command line (``x=1,2``).
+  Hydra hands a job its overrides without saying which were swept, so the command-line sweeps are read from
+  the launching command; where that is not this process's (a remote launcher), every override names the run,
+  as Hydra's own ``override_dirname`` does. Names too long for a file name are shortened with a hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +26,27 @@ NOT_IN_RUN_NAMES = ("grid", "cache_dir", "ckpt_path")  # select the grid or say 
 MAX_NAME = 120
 
 
-def run_name(task_overrides: Any, axes: Any = None, job_num: int = 0) -> str:
-    """``k=v`` pairs of a job's overrides joined by commas: the grid's axes in their declared order, or (no
-    grid) every override but those in NOT_IN_RUN_NAMES, sorted."""
+def command_line_sweeps(argv: list[str] | None = None) -> list[str] | None:
+    """Keys swept on the command line (``seed=0,1`` → ``seed``), or None when it cannot be parsed."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # e.g. a remote launcher's own command line
+        return None
+    return sorted(o.key_or_group for o in parsed if o.is_sweep_override() and not o.is_hydra_override())
+
+
+def run_name(task_overrides: Any, axes: Any = None, job_num: int = 0, argv: list[str] | None = None) -> str:
+    """``k=v`` pairs of a job's overrides joined by commas: the grid's axes in their declared order, then the
+    keys swept on the command line; every override but those in NOT_IN_RUN_NAMES when those are unknown."""
     overrides = OverridesParser.create().parse_overrides([str(o) for o in task_overrides or []])
     values = {o.key_or_group: o.get_value_element_as_str() for o in overrides}
-    bare = {key.lstrip("+~"): key for key in values}
-    if axes:
-        pairs = [f"{key}={values[bare[key]]}" for key in axes if key in bare]
+    swept = command_line_sweeps(argv)
+    if swept is None:
+        keys = sorted(key for key in values if key not in NOT_IN_RUN_NAMES)
     else:
-        pairs = sorted(f"{key}={v}" for key, v in values.items() if key.lstrip("+~") not in NOT_IN_RUN_NAMES)
+        keys = list(axes or {}) + [key for key in swept if key not in (axes or {})]
+    pairs = [f"{key}={values[key]}" for key in keys if key in values]
     name = ",".join(pairs).replace("/", "_") or f"job{job_num}"
     if len(name) > MAX_NAME:
         name = f"{name[: MAX_NAME - 11]}~{hashlib.sha1(name.encode()).hexdigest()[:10]}"

@@ -2,6 +2,7 @@
 DDP and 2-process FSDP2 (gloo on CPU). Tiny sizes; the warm start is built once and shared (cache hit)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,10 +115,11 @@ def test_sweep_and_iterations_without_accepted_samples(tmp_path, cache):
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    logs = [(sweep / str(job) / "train.log").read_text() for job in (0, 1)]  # each run's own log file
+    runs = [sweep / "seed=0", sweep / "seed=1"]  # named by the swept key only, not by the fixed overrides
+    logs = [(run / "train.log").read_text() for run in runs]  # each run's own log file
     for log in logs:
         assert log.count("iteration 0: no sample accepted among 128") == 1 and "the run continues" in log
-    for run in (sweep / "0", sweep / "1"):
+    for run in runs:
         assert "train/loss" not in scalars(run)  # no update was made
         assert len(scalars(run)["val/acc"]) == 3  # but every iteration ran and was evaluated
         assert (run / "resolved_config.yaml").exists()
@@ -142,3 +144,61 @@ def test_missing_dataset_file_is_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"dataset file not found: {tmp_path}/train.jsonl" in proc.stdout + proc.stderr
+
+
+def test_grid_stops_on_budget_and_reports(tmp_path, cache):
+    """A 2-configuration x 2-seed grid of tiny runs, each stopped by a sample budget, then its report."""
+    sweep = tmp_path / "grid"
+    small = [o for o in SMALL if not o.startswith("iterations=")]
+    # 16 prompts x 8 samples = 128 a step: a budget of 200 is crossed by iteration 2 (256 samples), which is
+    # within one iteration of it; the cap of 5 iterations is never reached
+    cmd = [sys.executable, "train.py", "-m", "+grid=raft_vs_raftpp", "seed=0,1", "budget.samples=200", "iterations=5"]
+    cmd += [f"hydra.sweep.dir={sweep}", f"cache_dir={cache}", *small, *WARM]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["algo=raft,seed=0", "algo=raft,seed=1", "algo=raftpp,seed=0", "algo=raftpp,seed=1"]
+    for name in runs:
+        s = scalars(sweep / name)
+        assert s["cost/samples"] == [0, 128, 256] and 200 <= s["cost/samples"][-1] < 200 + 128
+        assert s["cost/updates"] == [0, 2, 4] and len(s["val/acc"]) == 3
+        assert s["cost/tokens"][-1] == s["rollout/tokens_cum"][-1] > 0
+        assert 0 < s["cost/wall_s"][1] < s["cost/wall_s"][2]
+        assert "budget reached after iteration 2: 256 samples >= 200" in (sweep / name / "train.log").read_text()
+
+    report = subprocess.run(
+        [sys.executable, "-m", "dibs.report", str(sweep), "--out", str(tmp_path / "report")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    for section in ("## Final metrics", "## Accuracy at fractions of the budget", "## Cost to reach the target"):
+        assert section in text
+    assert "| algo=raft | 2 |" in text and "| algo=raftpp | 2 |" in text  # one row per configuration, 2 seeds
+    for unit in ("samples", "tokens", "updates", "wall_s"):
+        png = tmp_path / "report" / f"acc_vs_{unit}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"](acc_vs_{unit}.png)" in text
+
+    # refusals on real output: a folder without runs, and a run whose config differs outside the axes
+    empty = subprocess.run(
+        [sys.executable, "-m", "dibs.report", str(tmp_path / "report")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert empty.returncode == 2 and "no runs found" in empty.stderr and "Traceback" not in empty.stderr
+    stray = sweep / "algo=raft,seed=2"
+    shutil.copytree(sweep / "algo=raft,seed=0", stray)
+    (stray / ".hydra" / "overrides.yaml").write_text("- algo=raft\n- seed=2\n- +grid=raft_vs_raftpp\n")
+    config = (stray / "resolved_config.yaml").read_text()
+    (stray / "resolved_config.yaml").write_text(
+        config.replace("batch_size: 8", "batch_size: 16").replace("\nseed: 0\n", "\nseed: 2\n")
+    )
+    mixed = subprocess.run(
+        [sys.executable, "-m", "dibs.report", str(sweep)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert mixed.returncode == 2 and "not declared axes" in mixed.stderr and "'batch_size'" in mixed.stderr

@@ -1,0 +1,11 @@
+"""Grid reports: a Hydra multirun folder → a Markdown report, JSON numbers and accuracy-vs-cost plots.
+
+``python -m dibs.report multirun/<grid>/<time>`` (see ``dibs.report.build``).
+"""
+
+from __future__ import annotations
+
+from dibs.report.build import build_report, main
+from dibs.report.grid import ReportError
+
+__all__ = ["ReportError", "build_report", "main"]

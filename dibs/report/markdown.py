@@ -1,0 +1,225 @@
+"""report.md: the numbers of ``metrics.compute`` as GitHub-flavoured Markdown tables, ready to paste into a paper.
+
+Every table states its rule underneath (what a cost counts, which evaluation a fraction reads, how the target was
+chosen), so a table copied out of the report still says what it measures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dibs.report.grid import COST_UNITS, Grid, format_value
+from dibs.report.plots import BAND, UNIT_NAMES
+
+__all__ = ["COST_DEFINITION", "SETTINGS", "render"]
+
+COST_DEFINITION = (
+    "Costs are cumulative per run at each evaluation: *samples* = generated samples (the allocation pilot included, "
+    "evaluation excluded); *tokens* = generated response tokens; *updates* = optimiser updates; *wall* = seconds "
+    "spent generating, verifying and training (evaluation and checkpointing excluded)."
+)
+# Key settings printed under "held equal" when every run has them and they agree (axes are left out).
+SETTINGS = (
+    "iterations",
+    "prompts_per_iteration",
+    "batch_size",
+    "updates_per_iteration",
+    "eval_samples",
+    "max_prompt_tokens",
+    "algo.loss",
+    "algo.lr",
+    "allocation._target_",
+    "allocation.n_per_prompt",
+    "data.source._target_",
+    "model.path",
+    "model.hidden_size",
+    "model.tiny.hidden_size",
+    "model.tiny.num_hidden_layers",
+    "rollout.sampling.temperature",
+    "rollout.sampling.max_new_tokens",
+    "warmstart.steps",
+)
+UNIT_TITLES = {"samples": "Samples", "tokens": "Tokens", "updates": "Updates", "wall_s": "Wall (s)"}
+
+
+# ---- cell formatting --------------------------------------------------------------------------------------------
+def _pm(s: dict[str, Any], fmt: str, scale: float = 1.0, sign: bool = False) -> str:
+    if not s["n"]:
+        return "–"
+    spec = ("+" if sign else "") + fmt
+    mean = format(scale * s["mean"], spec)
+    return mean if s["std"] is None else f"{mean} ± {format(scale * s['std'], fmt)}"
+
+
+def pct(s: dict[str, Any], sign: bool = False) -> str:
+    return _pm(s, ".1f", 100.0, sign)
+
+
+def cost(s: dict[str, Any], unit: str) -> str:
+    return _pm(s, ",.1f" if unit == "wall_s" else ",.0f")
+
+
+def amount(value: float, unit: str) -> str:
+    return f"{value:,.1f}" if unit == "wall_s" else f"{value:,.0f}"
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "l") -> list[str]:
+    """A GitHub table; ``align`` gives l/r per column (labels left), the columns past it align right (numbers)."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    align = align.ljust(len(header), "r")
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
+    return [line(header), rule, *(line(r) for r in rows)]
+
+
+# ---- sections ---------------------------------------------------------------------------------------------------
+def _held_equal(grid: Grid) -> list[str]:
+    out = []
+    for key in SETTINGS:
+        if any(key == a or key.startswith(a + ".") for a in grid.axes):
+            continue
+        values = [r.flat.get(key, KeyError) for r in grid.runs]
+        if values[0] is not KeyError and all(v == values[0] for v in values):
+            out.append(f"`{key}`={format_value(values[0])}")
+    return out
+
+
+def _header(grid: Grid, data: dict[str, Any]) -> list[str]:
+    budget, seeds = data["budget"], data["seeds"]
+    lines = [
+        f"# Grid report: {grid.name}",
+        "",
+        f"- Grid folder: `{grid.root}`",
+        f"- {data['n_runs']} runs, {len(grid.configurations)} configurations, {len(seeds)} seeds "
+        f"({', '.join(str(s) for s in seeds)})",
+        f"- Declared axes: {', '.join(f'`{a}`' for a in grid.axes) or 'none'} (from {grid.axes_source})",
+    ]
+    for command, path in zip(grid.commands, grid.multiruns):
+        where = f" (sweep `{path.parent.relative_to(grid.root)}`)" if len(grid.commands) > 1 else ""
+        lines.append(f"- Reproduce: `{command}`{where}")
+    lines += [
+        f"- Budget: {amount(budget['amount'], budget['unit'])} {budget['unit']} per run ({budget['source']}).",
+        f"- {COST_DEFINITION}",
+        "- Accuracy: held-out `val/acc` (Average@k over the test set), in %; cells are mean ± sample std "
+        "(ddof = 1) over seeds, the mean alone for a single seed.",
+    ]
+    held = _held_equal(grid)
+    if held:
+        lines.append(f"- Held equal: {', '.join(held)}")
+    return lines
+
+
+def _final(grid: Grid, data: dict[str, Any]) -> list[str]:
+    finals = data["final"]
+    levels = sorted({lv for f in finals.values() for lv in f["levels"]}, key=lambda s: (len(s), s))
+    header = ["Configuration", "Seeds", "π0 acc (%)", "Final acc (%)", "Gain (pp)"]
+    header += [f"Level {lv} (%)" for lv in levels] + [UNIT_TITLES[u] for u in COST_UNITS]
+    rows = []
+    for label in grid.configurations:
+        f = finals[label]
+        row = [label, str(len(f["seeds"])), pct(f["pi0_acc"]), pct(f["final_acc"]), pct(f["gain"], sign=True)]
+        row += [pct(f["levels"][lv]) if lv in f["levels"] else "–" for lv in levels]
+        row += [cost(f["cost"][u], u) for u in COST_UNITS]
+        rows.append(row)
+    return [
+        "## Final metrics",
+        "",
+        *table(header, rows),
+        "",
+        "π0 is each run's first evaluation (the initial policy, all costs 0); final is its last evaluation; gain is "
+        "final − π0 per seed, in percentage points; the cost columns are the final cumulative costs.",
+    ]
+
+
+def _fractions(grid: Grid, data: dict[str, Any]) -> list[str]:
+    unit = data["budget"]["unit"]
+    first = data["fractions"][grid.configurations[0]]
+    header = ["Configuration"] + [f"{100 * e['fraction']:g}% (≤ {amount(e['threshold'], unit)} {unit})" for e in first]
+    rows = [[label] + [pct(e["acc"]) for e in data["fractions"][label]] for label in grid.configurations]
+    lines = [
+        "## Accuracy at fractions of the budget",
+        "",
+        *table(header, rows),
+        "",
+        f"Held-out accuracy (%) of each seed at its LAST evaluation whose cumulative {unit} are ≤ the fraction × the "
+        "budget (a step function: no interpolation between evaluations), then mean ± std over seeds.",
+    ]
+    budget = data["budget"]["amount"]
+    over = [r.name for r in grid.runs if float(r.curve.cost[unit][-1]) > budget * (1 + 1e-6)]
+    if over:
+        lines.append(
+            f"{len(over)} run(s) end above the budget (the iteration that reaches it is completed): "
+            f"{', '.join(over[:5])}; their 100% column reads the last evaluation within it."
+        )
+    return lines
+
+
+def _target(grid: Grid, data: dict[str, Any]) -> list[str]:
+    tgt, base = data["target"], data["baseline"]["configuration"]
+    reach = data["target_cost"]
+    rows, speed_rows = [], []
+    for label in grid.configurations:
+        r = reach[label]
+        rows.append([label, f"{r['reached']}/{r['n']}", *(cost(r["cost"][u], u) for u in COST_UNITS)])
+        speed = [r["speedup"][u] for u in COST_UNITS]
+        speed_rows.append([label, *(f"{v:.2f}×" if v is not None else "n/a" for v in speed), r["speedup_note"] or ""])
+    lines = [
+        "## Cost to reach the target",
+        "",
+        f"Target: {100 * tgt['value']:.1f}% held-out accuracy ({tgt['rule']}).",
+        "",
+        *table(["Configuration", "Seeds reached", *(UNIT_TITLES[u] for u in COST_UNITS)], rows),
+        "",
+        "A seed's cost is its cumulative cost at its first evaluation with `val/acc` ≥ the target; mean ± std over "
+        f"the seeds that reached it. {COST_DEFINITION}",
+        "",
+        f"Speed-up vs the baseline `{base}` ({data['baseline']['source']}): baseline mean cost / configuration mean "
+        "cost, a ratio of means (> 1: the configuration needs less); n/a unless every seed of both reached the target.",
+        "",
+        *table(["Configuration", *(UNIT_TITLES[u] for u in COST_UNITS), "Note"], speed_rows, align="lrrrrl"),
+    ]
+    at_pi0 = [s["run"] for r in reach.values() for s in r["per_seed"] if s["at_pi0"]]
+    if at_pi0:
+        lines += ["", f"Note: the target is met at π0 (zero cost) by {len(at_pi0)} run(s): {', '.join(at_pi0[:5])}."]
+    return lines
+
+
+def _plots(grid: Grid, data: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    lines = ["## Accuracy vs cost", ""]
+    for unit, name in plots.items():
+        lines += [
+            f"![Held-out accuracy vs {UNIT_NAMES[unit]}]({name})",
+            "",
+            f"*Held-out accuracy (%) vs cumulative {UNIT_NAMES[unit]} ({grid.name}): line = mean over seeds after "
+            "linear interpolation onto a common x grid (0 to the configuration's smallest final cost), shaded = "
+            f"{BAND} (a single seed: its own curve, no band); dashed = the target.*",
+            "",
+        ]
+    return lines[:-1]
+
+
+def _runs(grid: Grid, data: dict[str, Any]) -> list[str]:
+    unit = data["budget"]["unit"]
+    rows = [
+        [
+            f"`{r.name}`",
+            r.label,
+            str(r.seed),
+            str(len(r.curve.steps)),
+            f"{100 * r.curve.acc[0]:.1f}",
+            f"{100 * r.curve.acc[-1]:.1f}",
+            amount(float(r.curve.cost[unit][-1]), unit),
+        ]
+        for r in grid.runs
+    ]
+    header = ["Run", "Configuration", "Seed", "Evaluations", "π0 acc (%)", "Final acc (%)", f"Final {unit}"]
+    return ["## Runs", "", *table(header, rows, align="ll")]
+
+
+def render(grid: Grid, data: dict[str, Any], plots: dict[str, str]) -> str:
+    """The whole report; ``plots`` maps a cost unit to its PNG's path relative to report.md."""
+    parts = [_header(grid, data), _final(grid, data), _fractions(grid, data), _target(grid, data)]
+    parts += [_plots(grid, data, plots), _runs(grid, data)]
+    return "\n\n".join("\n".join(p) for p in parts) + "\n"

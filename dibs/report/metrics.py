@@ -1,0 +1,228 @@
+"""The numbers of the report, from a loaded grid: final metrics, accuracy at budget fractions, cost to a target.
+
+Pure numpy on ``Curve`` arrays, so the rules (step function at fractions, first crossing of the target, speed-up
+as a ratio of means) are each one small function the tests pin down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dibs.report.grid import COST_UNITS, Curve, Grid, ReportError
+
+__all__ = [
+    "Budget",
+    "Target",
+    "acc_at_fraction",
+    "compute",
+    "first_reaching",
+    "resolve_budget",
+    "resolve_target",
+    "stat",
+]
+
+# TensorBoard stores scalars as float32: an accuracy of exactly 0.7 reads back as 0.69999999, a cost of 250 exactly.
+ACC_TOL = 1e-6
+COST_RTOL = 1e-6
+
+
+def stat(values: list[float]) -> dict[str, Any]:
+    """Mean and sample std (ddof=1; None for one value) of per-seed values."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return {"mean": float(np.mean(vals)), "std": std, "n": len(vals), "values": vals}
+
+
+@dataclass
+class Budget:
+    unit: str
+    amount: float
+    source: str  # one line for the report: where the amount came from
+
+
+@dataclass
+class Target:
+    value: float
+    rule: str
+
+
+def resolve_budget(grid: Grid) -> Budget:
+    """The runs' ``budget`` node (at most one unit set, the same unit in every run); else the largest final samples."""
+    found = {}
+    for run in grid.runs:
+        node = run.config.get("budget") or {}
+        if not isinstance(node, dict):
+            raise ReportError(f"run {run.path}: 'budget' in resolved_config.yaml is not a mapping: {node!r}")
+        set_ = {k: v for k, v in node.items() if v is not None and k in ("samples", "tokens", "updates")}
+        if len(set_) > 1:
+            raise ReportError(f"run {run.path}: budget sets more than one unit ({', '.join(set_)}); at most one")
+        if set_:
+            found[run.name] = next(iter(set_.items()))
+    if found and len(found) < len(grid.runs):
+        without = next(r.name for r in grid.runs if r.name not in found)
+        raise ReportError(f"run {without} has no budget while run {next(iter(found))} has one: not comparable")
+    if not found:
+        amount = max(float(r.curve.cost["samples"][-1]) for r in grid.runs)
+        return Budget("samples", amount, "no budget set in the runs' config: the largest final cost/samples of a run")
+    units = {unit for unit, _ in found.values()}
+    if len(units) > 1:
+        names = ", ".join(f"{name}: {unit}" for name, (unit, _) in list(found.items())[:4])
+        raise ReportError(f"the runs' budgets are in different units ({names}): not comparable")
+    amounts = {float(amount) for _, amount in found.values()}
+    (unit,) = units
+    if len(amounts) > 1:
+        return Budget(unit, max(amounts), f"`budget.{unit}` differs across runs; fractions refer to the largest")
+    return Budget(unit, amounts.pop(), f"`budget.{unit}` in the runs' config")
+
+
+def acc_at_fraction(curve: Curve, unit: str, threshold: float) -> float | None:
+    """Accuracy at the LAST evaluation whose cumulative cost is <= threshold (a step function); None if none is."""
+    cost = curve.cost[unit]
+    within = np.nonzero(cost <= threshold * (1 + COST_RTOL) + 1e-9)[0]
+    return float(curve.acc[within[-1]]) if within.size else None
+
+
+def first_reaching(curve: Curve, target: float) -> int | None:
+    """Index of the first evaluation with accuracy >= target, or None."""
+    hit = np.nonzero(curve.acc >= target - ACC_TOL)[0]
+    return int(hit[0]) if hit.size else None
+
+
+def resolve_target(grid: Grid, finals: dict[str, dict[str, Any]], target: float | None) -> Target:
+    if target is not None:
+        return Target(float(target), "given with --target")
+    grid_cfg = grid.runs[0].config.get("grid")
+    if isinstance(grid_cfg, dict) and grid_cfg.get("target") is not None:
+        return Target(float(grid_cfg["target"]), "`grid.target` in the runs' config")
+    worst_label, worst = min(((lab, f["final_acc"]["mean"]) for lab, f in finals.items()), key=lambda kv: kv[1])
+    rule = f"90% of the lowest configuration mean final accuracy: {worst_label}'s {100 * worst:.1f}%"
+    return Target(0.9 * worst, rule)
+
+
+def compute(
+    grid: Grid,
+    *,
+    target: float | None = None,
+    baseline: str | None = None,
+    fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
+) -> dict[str, Any]:
+    """Every number of the report, as a JSON-ready mapping (report.json is this)."""
+    if target is not None and not 0 < target <= 1:
+        hint = " (a percentage? give e.g. 0.2 for 20%)" if target > 1 else ""
+        raise ReportError(f"--target is an accuracy in (0, 1]; got {target}{hint}")
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad or not fractions:
+        raise ReportError(f"--fractions must be in (0, 1]; got {list(fractions)}")
+    grid_cfg = grid.runs[0].config.get("grid") if isinstance(grid.runs[0].config.get("grid"), dict) else {}
+    baseline_label, baseline_source = (
+        (baseline, "--baseline")
+        if baseline is not None
+        else (grid_cfg["baseline"], "`grid.baseline`")
+        if grid_cfg.get("baseline")
+        else (grid.configurations[0], "the first configuration")
+    )
+    if baseline_label not in grid.by_config:
+        raise ReportError(
+            f"baseline {baseline_label!r} (from {baseline_source}) is not a configuration of the grid; "
+            f"the configurations are: {', '.join(repr(c) for c in grid.configurations)}"
+        )
+    budget = resolve_budget(grid)
+
+    finals: dict[str, dict[str, Any]] = {}
+    for label, runs in grid.by_config.items():
+        curves = [r.curve for r in runs]
+        levels = sorted({lv for c in curves for lv in c.levels}, key=lambda s: (len(s), s))
+        finals[label] = {
+            "seeds": [r.seed for r in runs],
+            "runs": [r.name for r in runs],
+            "pi0_acc": stat([c.acc[0] for c in curves]),
+            "final_acc": stat([c.acc[-1] for c in curves]),
+            "gain": stat([c.acc[-1] - c.acc[0] for c in curves]),
+            "levels": {lv: stat([c.levels[lv][-1] for c in curves if lv in c.levels]) for lv in levels},
+            "cost": {u: stat([c.cost[u][-1] for c in curves]) for u in COST_UNITS},
+        }
+
+    at_fractions = {
+        label: [
+            {
+                "fraction": f,
+                "threshold": f * budget.amount,
+                "acc": stat([acc_at_fraction(r.curve, budget.unit, f * budget.amount) for r in runs]),
+            }
+            for f in fractions
+        ]
+        for label, runs in grid.by_config.items()
+    }
+
+    goal = resolve_target(grid, finals, target)
+    reach: dict[str, dict[str, Any]] = {}
+    for label, runs in grid.by_config.items():
+        per_seed = []
+        for r in runs:
+            i = first_reaching(r.curve, goal.value)
+            per_seed.append(
+                {
+                    "seed": r.seed,
+                    "run": r.name,
+                    "reached": i is not None,
+                    "step": None if i is None else int(r.curve.steps[i]),
+                    "at_pi0": i == 0,
+                    "cost": None if i is None else {u: float(r.curve.cost[u][i]) for u in COST_UNITS},
+                }
+            )
+        hits = [s["cost"] for s in per_seed if s["reached"]]
+        reach[label] = {
+            "reached": len(hits),
+            "n": len(per_seed),
+            "per_seed": per_seed,
+            "cost": {u: stat([h[u] for h in hits]) for u in COST_UNITS},
+        }
+    base = reach[baseline_label]
+    for row in reach.values():
+        row["speedup"], row["speedup_note"] = {}, None
+        if base["reached"] < base["n"]:
+            row["speedup_note"] = f"baseline {base['reached']}/{base['n']} seeds reached"
+        elif row["reached"] < row["n"]:
+            row["speedup_note"] = f"{row['reached']}/{row['n']} seeds reached"
+        for u in COST_UNITS:
+            mine, theirs = row["cost"][u]["mean"], base["cost"][u]["mean"]
+            ok = row["speedup_note"] is None and mine and theirs  # zero: the target was met at π0
+            row["speedup"][u] = theirs / mine if ok else None
+        if row["speedup_note"] is None and any(v is None for v in row["speedup"].values()):
+            row["speedup_note"] = "zero cost (target met at π0)"
+
+    return {
+        "grid": grid.name,
+        "grid_dir": str(grid.root),
+        "axes": grid.axes,
+        "axes_source": grid.axes_source,
+        "commands": grid.commands,
+        "n_runs": len(grid.runs),
+        "seeds": grid.seeds,
+        "configurations": grid.configurations,
+        "runs": [
+            {
+                "run": r.name,
+                "configuration": r.label,
+                "seed": r.seed,
+                "axis_values": r.axis_values,
+                "evaluations": len(r.curve.steps),
+                "steps": r.curve.steps.tolist(),
+                "acc": r.curve.acc.tolist(),
+                "cost": {u: r.curve.cost[u].tolist() for u in COST_UNITS},
+            }
+            for r in grid.runs
+        ],
+        "budget": {"unit": budget.unit, "amount": budget.amount, "source": budget.source},
+        "target": {"value": goal.value, "rule": goal.rule},
+        "baseline": {"configuration": baseline_label, "source": baseline_source},
+        "final": finals,
+        "fractions": at_fractions,
+        "target_cost": reach,
+    }

@@ -1,0 +1,428 @@
+"""dibs.report on fake grids: real TensorBoard event files, resolved configs and Hydra files written by hand, with
+curves whose report numbers are derived by hand in the comments (TensorBoard stores float32: compare approx)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from dibs.report import ReportError, build_report, main
+from dibs.report.grid import load_grid
+from dibs.report.metrics import acc_at_fraction, compute, first_reaching
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+T0 = 1_700_000_000.0  # event wall times
+
+# Evaluations at steps 0, 10, 20, 30. Per run: cumulative samples and val/acc; tokens = 10 × samples,
+# updates = 4 × evaluation index, wall_s = samples / 10. Budget: 200 samples.
+CURVES = {
+    ("raft", 0): ([0, 60, 130, 200], [0.10, 0.20, 0.25, 0.30]),
+    ("raft", 1): ([0, 40, 110, 190], [0.10, 0.30, 0.35, 0.40]),
+    ("raftpp", 0): ([0, 50, 100, 200], [0.10, 0.40, 0.45, 0.50]),
+    ("raftpp", 1): ([0, 50, 100, 200], [0.20, 0.40, 0.50, 0.60]),
+}
+
+# Hydra's saved sweep config; its other interpolations (${now:...}, ${hydra.runtime...}, an unknown resolver) would
+# fail or change if resolved: reading the axes must leave them alone.
+MULTIRUN = """\
+hydra:
+  run:
+    dir: outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}
+  sweep:
+    dir: multirun/${grid.name}/${now:%Y-%m-%d_%H-%M-%S}
+    subdir: ${hydra.job.override_dirname}
+  sweeper:
+    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper
+    params: PARAMS
+  job_logging:
+    handlers:
+      file:
+        filename: ${hydra.runtime.output_dir}/${hydra.job.name}.log
+  searchpath:
+  - file://${unregistered_resolver:experiments}
+  overrides:
+    hydra:
+    - hydra.mode=MULTIRUN
+    task: TASK
+seed: 0
+grid:
+  name: toy
+  axes:
+    algo: raft,raftpp
+    seed: 0,1
+"""
+
+
+def write_multirun(folder: Path, task: list[str], params: str = "${grid.axes}") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = MULTIRUN.replace("PARAMS", params).replace("TASK", json.dumps(task))
+    (folder / "multirun.yaml").write_text(text)
+
+
+def config(run_dir: Path, algo: str, seed: int, **changes) -> dict:
+    cfg = {
+        "seed": seed,
+        "iterations": 100,
+        "prompts_per_iteration": 10,
+        "batch_size": 4,
+        "updates_per_iteration": 4,
+        "eval_samples": 2,
+        "algo": {"loss": algo, "lr": 0.001 if algo == "raft" else 0.002, "betas": [0.9, 0.999]},
+        "allocation": {"_target_": "dibs.core.allocation.UniformAllocator", "n_per_prompt": 4},
+        "budget": {"samples": 200, "tokens": None, "updates": None},
+        "grid": {"name": "toy", "axes": {"algo": "raft,raftpp", "seed": "0,1"}, "baseline": "algo=raft", "target": 0.3},
+        "logger": {"save_dir": str(run_dir), "name": "tb"},  # resolved from run_dir: differs per run, not an axis
+        "run_dir": str(run_dir),
+        "ckpt_path": None,
+    }
+    for key, value in changes.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def write_events(folder: Path, samples: list[float], acc: list[float], *, start: int = 0, wall: float = T0) -> None:
+    writer = SummaryWriter(log_dir=str(folder))
+    for i, (s, a) in enumerate(zip(samples, acc)):
+        step, t = 10 * (start + i), wall + start + i
+        scalars = {
+            "val/acc": a,
+            "val/acc_level_1": min(1.0, a + 0.2),
+            "val/acc_level_2": a / 2,
+            "cost/samples": s,
+            "cost/tokens": 10 * s,
+            "cost/updates": 4 * (start + i),
+            "cost/wall_s": s / 10,
+            "train/loss": 1.0,  # ignored
+        }
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step, walltime=t)
+    writer.close()
+
+
+def write_run(
+    root: Path,
+    algo: str,
+    seed: int,
+    *,
+    name: str | None = None,
+    overrides: list[str] | None = None,
+    events: bool = True,
+    **changes,
+) -> Path:
+    run = root / (name or f"algo={algo},seed={seed}")
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config(run, algo, seed, **changes)), run / "resolved_config.yaml")
+    default = [f"algo={algo}", f"seed={seed}", "+grid=toy", "experiment=smoke"]
+    OmegaConf.save(OmegaConf.create(overrides if overrides is not None else default), run / ".hydra" / "overrides.yaml")
+    if events:
+        write_events(run / "tb", *CURVES[(algo, seed)])
+    return run
+
+
+def make_grid(root: Path, task: list[str] | None = None, **changes) -> Path:
+    write_multirun(root, task if task is not None else ["+grid=toy", "experiment=smoke"])
+    for algo, seed in CURVES:
+        write_run(root, algo, seed, **changes)
+    return root
+
+
+# ---- happy path ---------------------------------------------------------------------------------------------
+def test_happy_path(tmp_path):
+    grid = make_grid(tmp_path / "grid")
+    report = build_report(grid)
+    assert report == grid / "report" / "report.md"
+    text = report.read_text()
+    for section in (
+        "## Final metrics",
+        "## Accuracy at fractions of the budget",
+        "## Cost to reach the target",
+        "## Accuracy vs cost",
+    ):
+        assert section in text
+    assert "# Grid report: toy" in text
+    assert "4 runs, 2 configurations, 2 seeds (0, 1)" in text
+    assert "Declared axes: `algo`, `seed`" in text
+    assert "Reproduce: `python train.py -m +grid=toy experiment=smoke`" in text
+    assert "Budget: 200 samples per run (`budget.samples`" in text
+    assert "`batch_size`=4" in text and "`allocation.n_per_prompt`=4" in text
+    assert "`algo.lr`" not in text.split("## Final metrics")[0]  # an axis' sub-key is not "held equal"
+
+    # (a) raft: pi0 0.10, 0.10 → 10.0 ± 0.0; final 0.30, 0.40 → mean 35.0, std |0.1|/√2 = 7.1; gain 0.20, 0.30 →
+    # +25.0 ± 7.1; level 1 final 0.50, 0.60 → 55.0 ± 7.1; level 2 0.15, 0.20 → 17.5 ± 3.5; samples 200, 190 →
+    # 195 ± 7; tokens 2,000, 1,900 → 1,950 ± 71; updates 12, 12 → 12 ± 0; wall 20.0, 19.0 → 19.5 ± 0.7.
+    assert (
+        "| algo=raft | 2 | 10.0 ± 0.0 | 35.0 ± 7.1 | +25.0 ± 7.1 | 55.0 ± 7.1 | 17.5 ± 3.5 | 195 ± 7 | 1,950 ± 71 "
+        "| 12 ± 0 | 19.5 ± 0.7 |" in text
+    )
+    # raftpp: pi0 0.10, 0.20 → 15.0 ± 7.1; final 0.50, 0.60 → 55.0 ± 7.1; gain 0.40, 0.40 → +40.0 ± 0.0.
+    assert "| algo=raftpp | 2 | 15.0 ± 7.1 | 55.0 ± 7.1 | +40.0 ± 0.0 |" in text
+
+    # (b) thresholds 50/100/150/200 samples; the last evaluation with cost ≤ threshold:
+    # raft s0 (0,60,130,200) → 0.10, 0.20, 0.25, 0.30; s1 (0,40,110,190) → 0.30, 0.30, 0.35, 0.40
+    # → 20.0 ± 14.1, 25.0 ± 7.1, 30.0 ± 7.1, 35.0 ± 7.1.
+    # raftpp (0,50,100,200; 50 ≤ 50 counts) s0 → .40 .45 .45 .50; s1 → .40 .50 .50 .60
+    # → 40.0 ± 0.0, 47.5 ± 3.5, 47.5 ± 3.5, 55.0 ± 7.1.
+    assert (
+        "| Configuration | 25% (≤ 50 samples) | 50% (≤ 100 samples) | 75% (≤ 150 samples) | 100% (≤ 200 samples) |"
+        in text
+    )
+    assert "| algo=raft | 20.0 ± 14.1 | 25.0 ± 7.1 | 30.0 ± 7.1 | 35.0 ± 7.1 |" in text
+    assert "| algo=raftpp | 40.0 ± 0.0 | 47.5 ± 3.5 | 47.5 ± 3.5 | 55.0 ± 7.1 |" in text
+    assert "LAST evaluation" in text
+
+    # (c) target 0.30 from grid.target. raft: s0 first ≥ 0.30 at index 3 (200 samples), s1 at index 1 (40)
+    # → samples 120 ± 113 (std 160/√2), tokens 1,200 ± 1,131, updates 12, 4 → 8 ± 6, wall 20.0, 4.0 → 12.0 ± 11.3.
+    # raftpp: both at index 1 (0.40, 50 samples) → 50 ± 0, 500 ± 0, 4 ± 0, 5.0 ± 0.0.
+    # Speed-up vs algo=raft: 120/50 = 2.40, 1200/500 = 2.40, 8/4 = 2.00, 12/5 = 2.40.
+    assert "Target: 30.0% held-out accuracy (`grid.target` in the runs' config)" in text
+    assert "| algo=raft | 2/2 | 120 ± 113 | 1,200 ± 1,131 | 8 ± 6 | 12.0 ± 11.3 |" in text
+    assert "| algo=raftpp | 2/2 | 50 ± 0 | 500 ± 0 | 4 ± 0 | 5.0 ± 0.0 |" in text
+    assert "| algo=raft | 1.00× | 1.00× | 1.00× | 1.00× |  |" in text
+    assert "| algo=raftpp | 2.40× | 2.40× | 2.00× | 2.40× |  |" in text
+    assert "ratio of means" in text and "generated samples (the allocation pilot included" in text
+
+    # (d) four valid PNGs, embedded with relative links
+    for unit in ("samples", "tokens", "updates", "wall_s"):
+        png = grid / "report" / f"acc_vs_{unit}.png"
+        data = png.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000
+        assert f"](acc_vs_{unit}.png)" in text
+    assert "mean ± 1 sample std over seeds" in text
+
+    numbers = json.loads((grid / "report" / "report.json").read_text())
+    assert numbers["configurations"] == ["algo=raft", "algo=raftpp"]
+    assert numbers["budget"] == {"unit": "samples", "amount": 200.0, "source": "`budget.samples` in the runs' config"}
+    raft = numbers["final"]["algo=raft"]
+    assert raft["final_acc"]["mean"] == pytest.approx(0.35) and raft["final_acc"]["std"] == pytest.approx(0.0707107)
+    assert raft["seeds"] == [0, 1]
+    assert [e["acc"]["mean"] for e in numbers["fractions"]["algo=raft"]] == pytest.approx([0.2, 0.25, 0.3, 0.35])
+    assert numbers["target"]["value"] == pytest.approx(0.3)
+    pp = numbers["target_cost"]["algo=raftpp"]
+    assert pp["speedup"] == pytest.approx({"samples": 2.4, "tokens": 2.4, "updates": 2.0, "wall_s": 2.4})
+    assert numbers["target_cost"]["algo=raft"]["cost"]["samples"]["values"] == pytest.approx([200, 40])
+    assert numbers["plots"]["samples"] == "acc_vs_samples.png"
+
+
+def test_defaults_target_baseline_budget_out_dir(tmp_path):
+    no_budget = {"samples": None, "tokens": None, "updates": None}
+    grid = make_grid(tmp_path / "grid", budget=no_budget, **{"grid.target": None, "grid.baseline": None})
+    report = build_report(grid, out_dir=tmp_path / "elsewhere")
+    assert report == tmp_path / "elsewhere" / "report.md"
+    numbers = json.loads((tmp_path / "elsewhere" / "report.json").read_text())
+    # 90% of the lowest configuration mean final accuracy: raft's 0.35 → 0.315
+    assert numbers["target"]["value"] == pytest.approx(0.315)
+    assert "90% of the lowest configuration mean final accuracy: algo=raft's 35.0%" in report.read_text()
+    assert numbers["baseline"] == {"configuration": "algo=raft", "source": "the first configuration"}
+    # no budget set: samples, the largest final cost/samples (200), said in the report
+    assert numbers["budget"]["unit"] == "samples" and numbers["budget"]["amount"] == pytest.approx(200)
+    assert "Budget: 200 samples per run (no budget set in the runs' config" in report.read_text()
+
+
+def test_some_seeds_miss_the_target(tmp_path):
+    grid = make_grid(tmp_path / "grid")
+    # target 0.40: raft s0 tops at 0.30 (never), s1 reaches 0.40 at 190 samples → 1/2; raftpp both at 50 → 2/2.
+    text = build_report(grid, target=0.4).read_text()
+    assert "| algo=raft | 1/2 | 190 | 1,900 | 12 | 19.0 |" in text
+    assert "| algo=raftpp | n/a | n/a | n/a | n/a | baseline 1/2 seeds reached |" in text
+    text = build_report(grid, target=0.4, baseline="algo=raftpp").read_text()
+    assert "| algo=raft | n/a | n/a | n/a | n/a | 1/2 seeds reached |" in text
+    assert "| algo=raftpp | 1.00× | 1.00× | 1.00× | 1.00× |  |" in text
+
+
+def test_runs_ending_above_the_budget(tmp_path):
+    grid = make_grid(tmp_path / "grid", **{"budget.samples": 190})
+    text = build_report(grid).read_text()
+    # 100% = 190 samples: raft s0 reads 0.25 (at 130; 200 > 190), s1 0.40 (at 190) → 32.5 ± 10.6
+    assert "| algo=raft | 20.0 ± 14.1 |" in text and "| 32.5 ± 10.6 |" in text
+    assert "3 run(s) end above the budget" in text
+
+
+def test_rules_on_a_curve(tmp_path):
+    """The step function at fractions and the first crossing, on raft seed 1 (samples 0, 40, 110, 190)."""
+    grid = load_grid(make_grid(tmp_path / "grid"))
+    curve = next(r.curve for r in grid.runs if r.label == "algo=raft" and r.seed == 1)
+    assert acc_at_fraction(curve, "samples", 39) == pytest.approx(0.10)  # only pi0 is ≤ 39
+    assert acc_at_fraction(curve, "samples", 40) == pytest.approx(0.30)  # ≤ is inclusive
+    assert acc_at_fraction(curve, "samples", 109.9) == pytest.approx(0.30)  # no interpolation towards 0.35
+    assert acc_at_fraction(curve, "samples", 1e9) == pytest.approx(0.40)
+    assert first_reaching(curve, 0.35) == 2  # float32(0.35) < 0.35 still counts
+    assert first_reaching(curve, 0.41) is None
+    data = compute(grid, fractions=(0.2,))  # 40 samples: raft s0 → 0.10, s1 → 0.30
+    assert data["fractions"]["algo=raft"][0]["acc"]["values"] == pytest.approx([0.1, 0.3])
+
+
+def test_resumed_run_repeat_of_an_evaluation_keeps_the_latest(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    run = root / "algo=raft,seed=0"
+    for f in (run / "tb").iterdir():
+        f.unlink()
+    # killed after logging the evaluation at step 20 (130 samples) but before its checkpoint: the resumed run
+    # re-runs that iteration from the checkpoint and logs step 20 again at the same 130 samples
+    write_events(run / "tb", [0, 60, 130], [0.10, 0.20, 0.99])
+    write_events(run / "tb", [130, 200], [0.25, 0.30], start=2, wall=T0 + 100)  # steps 20, 30, later wall time
+    grid = load_grid(root)
+    curve = next(r.curve for r in grid.runs if r.name == "algo=raft,seed=0")
+    assert curve.steps.tolist() == [0, 10, 20, 30]
+    assert curve.acc.tolist() == pytest.approx([0.10, 0.20, 0.25, 0.30])
+    assert curve.cost["samples"].tolist() == pytest.approx([0, 60, 130, 200])
+
+
+def test_an_iteration_without_updates_keeps_both_evaluations_at_its_step(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    run = root / "algo=raft,seed=0"
+    for f in (run / "tb").iterdir():
+        f.unlink()
+    writer = SummaryWriter(log_dir=str(run / "tb"))
+    # steps 0, 4, 4, 8: the second iteration accepted nothing, so made no update, but spent 60 more samples
+    for i, (step, samples, acc) in enumerate([(0, 0, 0.1), (4, 60, 0.2), (4, 120, 0.22), (8, 200, 0.3)]):
+        for tag, value in {
+            "val/acc": acc,
+            "cost/samples": samples,
+            "cost/tokens": 10 * samples,
+            "cost/updates": step,
+            "cost/wall_s": samples / 10,
+        }.items():
+            writer.add_scalar(tag, value, step, walltime=T0 + i)
+    writer.close()
+    curve = next(r.curve for r in load_grid(root).runs if r.name == "algo=raft,seed=0")
+    assert curve.steps.tolist() == [0, 4, 4, 8]
+    assert curve.cost["samples"].tolist() == pytest.approx([0, 60, 120, 200])
+    assert curve.acc.tolist() == pytest.approx([0.1, 0.2, 0.22, 0.3])
+    assert curve.cost["updates"].tolist() == pytest.approx([0, 4, 4, 8])
+
+
+def test_command_line_sweep_is_an_axis(tmp_path):
+    root = tmp_path / "grid"
+    # no sweeper params; the sweep comes from the command line, raftpp first
+    write_multirun(root, ["algo=raftpp,raft", "seed=0,1", "experiment=smoke"], params="{}")
+    for algo, seed in CURVES:
+        write_run(root, algo, seed)
+    grid = load_grid(root)
+    assert grid.axes == ["algo", "seed"]
+    assert grid.configurations == ["algo=raftpp", "algo=raft"]  # declared order, not sorted
+    assert grid.commands == ["python train.py -m algo=raftpp,raft seed=0,1 experiment=smoke"]
+
+
+def test_command_line_sweep_replaces_the_grid_order(tmp_path):
+    root = tmp_path / "grid"
+    write_multirun(root, ["+grid=toy", "algo=raftpp,raft"])  # grid.axes says raft,raftpp
+    for algo, seed in CURVES:
+        write_run(root, algo, seed)
+    grid = load_grid(root)
+    assert grid.axes == ["algo", "seed"] and grid.configurations == ["algo=raftpp", "algo=raft"]
+
+
+def test_axes_flag_without_multirun(tmp_path):
+    root = tmp_path / "runs"
+    for algo, seed in CURVES:
+        write_run(root, algo, seed)
+    with pytest.raises(ReportError, match="axes cannot be determined.*--axes"):
+        load_grid(root)
+    grid = load_grid(root, axes=["algo", "seed"])
+    assert grid.configurations == ["algo=raft", "algo=raftpp"]  # sorted
+    assert grid.commands == []
+
+
+def test_parent_of_two_sweeps(tmp_path):
+    """A second launch added seed 2: runs are found recursively, axes united, grid.axes may differ."""
+    parent = tmp_path / "toy"
+    make_grid(parent / "2026-11-22_10-00-00")
+    second = parent / "2026-11-23_09-00-00"
+    write_multirun(second, ["+grid=toy", "seed=2"])
+    CURVES[("raft", 2)] = CURVES[("raft", 0)]
+    try:
+        write_run(second, "raft", 2, **{"grid.axes": {"algo": "raft", "seed": "2"}})
+        text = build_report(parent).read_text()
+    finally:
+        del CURVES[("raft", 2)]
+    assert "5 runs, 2 configurations, 3 seeds (0, 1, 2)" in text
+    assert text.count("- Reproduce: `python train.py -m") == 2
+    assert "| algo=raft | 3 |" in text
+
+
+# ---- refusals ---------------------------------------------------------------------------------------------------
+def test_refuses_no_runs(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ReportError, match=r"empty: no runs found; a run folder holds resolved_config\.yaml"):
+        build_report(tmp_path / "empty")
+
+
+def test_refuses_run_without_events(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    write_run(root, "raft", 2, events=False)
+    with pytest.raises(ReportError, match=r"algo=raft,seed=2: no TensorBoard event files"):
+        build_report(root)
+
+
+def test_refuses_run_without_cost_scalars(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    run = root / "algo=raftpp,seed=1"
+    for f in (run / "tb").iterdir():
+        f.unlink()
+    writer = SummaryWriter(log_dir=str(run / "tb"))
+    writer.add_scalar("val/acc", 0.1, 0)
+    writer.close()
+    with pytest.raises(ReportError, match=r"algo=raftpp,seed=1: .*lack the scalar\(s\) cost/samples, cost/tokens"):
+        build_report(root)
+
+
+def test_refuses_settings_beyond_the_axes(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    write_run(root, "raft", 2, events=False, batch_size=8, rollout={"sampling": {"temperature": 0.7}})
+    with pytest.raises(ReportError) as err:
+        build_report(root)
+    message = str(err.value)
+    assert "'batch_size': algo=raft,seed=0 has 4, algo=raft,seed=2 has 8" in message
+    assert "'rollout.sampling.temperature': algo=raft,seed=0 has '<absent>', algo=raft,seed=2 has 0.7" in message
+    assert "axes: algo, seed" in message
+    assert "add the key as an axis" in message and "separately" in message
+
+
+def test_refuses_duplicates(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    write_run(root / "again", "raft", 0)
+    with pytest.raises(ReportError) as err:
+        build_report(root)
+    message = str(err.value)
+    assert "algo=raft,seed=0 and " in message and "again/algo=raft,seed=0" in message and "duplicates" in message
+
+
+def test_refuses_unknown_baseline(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    with pytest.raises(ReportError, match=r"baseline 'raft' .*configurations are: 'algo=raft', 'algo=raftpp'"):
+        build_report(root, baseline="raft")
+
+
+def test_cli_refusal_exits_2(tmp_path, capsys):
+    root = make_grid(tmp_path / "grid")
+    assert main([str(root), "--baseline", "nope"]) == 2
+    captured = capsys.readouterr()
+    assert "baseline 'nope'" in captured.err and "Traceback" not in captured.err
+    assert main([str(root), "--target", "0.4", "--fractions", "0.5,1"]) == 0
+    assert f"report written to {root / 'report' / 'report.md'}" in capsys.readouterr().out
+    assert (
+        "| Configuration | 50% (≤ 100 samples) | 100% (≤ 200 samples) |" in (root / "report" / "report.md").read_text()
+    )
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dibs.report", str(tmp_path / "nothing-here")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "nothing-here: not a folder" in proc.stderr and "Traceback" not in proc.stderr
