@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dibs.conf import register_resolvers
@@ -27,6 +29,8 @@ def plain(node) -> dict:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    if "grid" in cfg and HydraConfig.get().mode != RunMode.MULTIRUN:
+        raise SystemExit(f"grid {cfg.grid.name!r} sweeps several runs: launch it with `python train.py -m +grid=...`")
     import lightning as L
     import transformers
     from hydra.utils import instantiate

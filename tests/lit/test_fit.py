@@ -164,7 +164,9 @@ def test_grid_stops_on_budget_and_reports(tmp_path, cache):
         assert s["cost/updates"] == [0, 2, 4] and len(s["val/acc"]) == 3
         assert s["cost/tokens"][-1] == s["rollout/tokens_cum"][-1] > 0
         assert 0 < s["cost/wall_s"][1] < s["cost/wall_s"][2]
-        assert "budget reached after iteration 2: 256 samples >= 200" in (sweep / name / "train.log").read_text()
+        log = (sweep / name / "train.log").read_text()
+        assert "budget reached after iteration 2: 256 samples >= 200" in log
+        assert "the learning-rate schedule spans 2 iterations" in log  # ceil(200 / 128), not the cap of 5
 
     report = subprocess.run(
         [sys.executable, "-m", "dibs.report", str(sweep), "--out", str(tmp_path / "report")],
@@ -202,3 +204,9 @@ def test_grid_stops_on_budget_and_reports(tmp_path, cache):
         [sys.executable, "-m", "dibs.report", str(sweep)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert mixed.returncode == 2 and "not declared axes" in mixed.stderr and "'batch_size'" in mixed.stderr
+
+
+def test_a_grid_without_multirun_is_refused(tmp_path):
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "+grid=raft_vs_raftpp"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "launch it with `python train.py -m +grid=...`" in proc.stderr
