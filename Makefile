@@ -26,4 +26,5 @@ grid: setup  ## a grid end to end: `make grid GRID=raft_vs_raftpp [ARGS="seed=0,
 	$(PY) -m dibs.report $(SWEEP) --out $(REPORT)
 
 report: setup  ## the report of a finished grid: `make report SWEEP=multirun/<grid>/<time>`
+	@if [ "$(origin SWEEP)" = "file" ]; then echo "make report: give the grid folder, SWEEP=multirun/<grid>/<time>"; exit 2; fi
 	$(PY) -m dibs.report $(SWEEP) --out $(REPORT)

@@ -8,6 +8,7 @@ python train.py -m seed=0,1,2                     # a sweep
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -31,6 +32,13 @@ def plain(node) -> dict:
 def main(cfg: DictConfig) -> float:
     if "grid" in cfg and HydraConfig.get().mode != RunMode.MULTIRUN:
         raise SystemExit(f"grid {cfg.grid.name!r} sweeps several runs: launch it with `python train.py -m +grid=...`")
+    run_dir = Path(cfg.run_dir)
+    launched = any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))  # not the first
+    if (run_dir / "resolved_config.yaml").exists() and cfg.ckpt_path is None and not launched:
+        raise SystemExit(
+            f"{run_dir} already holds a run: resume it with ckpt_path={run_dir}/checkpoints/last.ckpt or write "
+            "to another folder (two runs in one folder would mix their logs)"
+        )
     import lightning as L
     import transformers
     from hydra.utils import instantiate
@@ -44,7 +52,6 @@ def main(cfg: DictConfig) -> float:
     from dibs.lit.rollout import RolloutCallback
     from dibs.rollout.base import SamplingParams
 
-    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     budget = Budget.from_config(**plain(cfg.budget))  # a bad budget fails before the warm start

@@ -45,7 +45,8 @@ def run_name(task_overrides: Any, axes: Any = None, job_num: int = 0, argv: list
     if swept is None:
         keys = sorted(key for key in values if key not in NOT_IN_RUN_NAMES)
     else:
-        keys = list(axes or {}) + [key for key in swept if key not in (axes or {})]
+        declared = [str(key).lstrip("+~") for key in axes or {}]  # `++algo.lr: ...` sweeps the key algo.lr
+        keys = declared + [key for key in swept if key not in declared]
     pairs = [f"{key}={values[key]}" for key in keys if key in values]
     name = ",".join(pairs).replace("/", "_") or f"job{job_num}"
     if len(name) > MAX_NAME:

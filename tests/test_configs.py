@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -72,7 +73,8 @@ def test_every_grid_composes_and_names_existing_axes(grid, tmp_path):
     default = compose_with([])
     for key in axes:  # an axis is a config group or an existing key: a typo would sweep nothing
         assert OmegaConf.select(default, key.lstrip("+~"), default="<absent>") != "<absent>", key
-        assert len(str(axes[key]).split(",")) >= 2, f"{grid}: axis {key} has a single value"
+        (override,) = OverridesParser.create().parse_overrides([f"{key}={axes[key]}"])
+        assert override.is_sweep_override(), f"{grid}: axis {key} sweeps nothing ({axes[key]!r})"
     assert sum(v is not None for v in cfg.budget.values()) == 1, "a grid compares methods at equal cost"
 
 

@@ -35,3 +35,8 @@ def test_long_names_are_shortened_with_a_hash_and_stay_distinct():
 
 def test_no_axis_gives_the_job_number():
     assert run_name(["seed=0"], None, 4, ["-m", "seed=0"]) == "job4"
+
+
+def test_axes_declared_with_a_plus_name_their_key():
+    job = ["++algo.lr=0.001", "seed=0", "+grid=g"]
+    assert run_name(job, {"++algo.lr": "0.001,0.002", "seed": "0,1"}, 0, ["-m", "+grid=g"]) == "algo.lr=0.001,seed=0"

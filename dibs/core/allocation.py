@@ -7,7 +7,7 @@ pilot: n_i = n for every prompt (RAFT's best-of-n, PAPER.md section 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -40,7 +40,7 @@ class UniformAllocator:
     """n samples for every prompt: RAFT's best-of-n."""
 
     n_per_prompt: int = 4
-    pilot_samples: int = 0
+    pilot_samples: int = field(default=0, init=False)  # no pilot: the allocation does not look at statistics
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 1:

@@ -32,9 +32,12 @@ class Budget:
             raise ValueError(f"budget.{self.unit}={self.amount}: the unit must be one of {UNITS}, the amount >= 1")
 
     @classmethod
-    def from_config(cls, samples: int | None = None, tokens: int | None = None, updates: int | None = None) -> Budget:
-        """From the ``budget`` config node: at most one of its keys may be set."""
-        given = {k: v for k, v in (("samples", samples), ("tokens", tokens), ("updates", updates)) if v is not None}
+    def from_config(cls, **node: int | None) -> Budget:
+        """From the ``budget`` config node (keys ``samples``, ``tokens``, ``updates``): at most one may be set."""
+        unknown = sorted(set(node) - set(UNITS))
+        if unknown:
+            raise ValueError(f"budget.{unknown[0]} is not a budget: the units are budget.samples, .tokens and .updates")
+        given = {k: v for k, v in node.items() if v is not None}
         if len(given) > 1:
             raise ValueError(f"set one budget, not {len(given)}: {given} (budget.samples, .tokens or .updates)")
         if not given:

@@ -132,8 +132,12 @@ class RolloutCallback(L.Callback):
 
     # ---- E-step ------------------------------------------------------------------------------
     def _e_step(self, trainer: L.Trainer, iteration: int) -> None:
+        if self.budget.reached(self.costs(trainer)):  # a run resumed from the checkpoint its budget stopped
+            info(f"budget already reached ({self.budget.spent(self.costs(trainer)):.0f} {self.budget.unit}): done")
+            trainer.should_stop = True  # the fit loop ends before the epoch starts; no sample is generated
+            return
+        self._push_weights(trainer)  # timed on its own into wall_s
         e_started = time.perf_counter()
-        self._push_weights(trainer)
         dm, rank, world = trainer.datamodule, trainer.global_rank, trainer.world_size
         indices = dm.iteration_prompts(iteration, rank, world)
         global_n = self.allocator.allocate(len(dm.iteration_prompts(iteration)))
@@ -193,8 +197,11 @@ class RolloutCallback(L.Callback):
     def _push_weights(self, trainer: L.Trainer) -> None:
         """Load the policy's current weights into the generator, once per optimiser step count."""
         if self._pushed_at != trainer.global_step:
+            started = time.perf_counter()
             self.generator.load_weights(full_state_dict(trainer.lightning_module.policy).items())
             self._pushed_at = trainer.global_step
+            if trainer.global_step > 0:  # a cost of training, whether the E-step or an evaluation pushes first
+                self.totals["wall_s"] += time.perf_counter() - started
 
     def _evaluate(self, trainer: L.Trainer, label: str) -> None:
         self._push_weights(trainer)

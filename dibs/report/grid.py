@@ -263,6 +263,13 @@ def read_curve(run_dir: Path) -> Curve:
         )
 
     levels = {m.group(1): column(tag) for tag in series if (m := _LEVEL.match(tag))}
+    first = {unit: column(f"cost/{unit}")[0] for unit in ("samples", "updates")}
+    if any(v != 0 for v in first.values()):
+        raise ReportError(
+            f"run {run_dir}: its first evaluation is at {first['samples']:.0f} samples and {first['updates']:.0f} "
+            "updates, not the initial policy π0 (0 and 0): its start is missing (a run resumed into a new folder?); "
+            "the report needs each run's whole history"
+        )
     return Curve(
         steps=np.array([s for s, _ in points], dtype=np.int64),
         acc=column("val/acc"),

@@ -130,6 +130,25 @@ def _final(grid: Grid, data: dict[str, Any]) -> list[str]:
         "",
         "π0 is each run's first evaluation (the initial policy, all costs 0); final is its last evaluation; gain is "
         "final − π0 per seed, in percentage points; the cost columns are the final cumulative costs.",
+        *_short_runs(grid, data),
+    ]
+
+
+def _short_runs(grid: Grid, data: dict[str, Any]) -> list[str]:
+    """A warning for runs that stopped before spending the budget: crashed, still running or capped."""
+    unit, budget = data["budget"]["unit"], data["budget"]["amount"]
+    short = [
+        f"{r.name} ({amount(r.curve.cost[unit][-1], unit)})"
+        for r in grid.runs
+        if r.curve.cost[unit][-1] < budget * (1 - 1e-6)
+    ]
+    if not short:
+        return []
+    return [
+        "",
+        f"**Warning:** {len(short)} run(s) ended before spending the budget of {amount(budget, unit)} {unit} (crashed, "
+        f"still running, or stopped by the `iterations` cap): {', '.join(short[:5])}. Their final is their last "
+        "evaluation, at a lower cost than the others'.",
     ]
 
 
@@ -159,12 +178,14 @@ def _fractions(grid: Grid, data: dict[str, Any]) -> list[str]:
 def _target(grid: Grid, data: dict[str, Any]) -> list[str]:
     tgt, base = data["target"], data["baseline"]["configuration"]
     reach = data["target_cost"]
+    partial = len(set(data["baseline"]["per_configuration"].values())) > 1  # one baseline per value of other axes
     rows, speed_rows = [], []
     for label in grid.configurations:
         r = reach[label]
         rows.append([label, f"{r['reached']}/{r['n']}", *(cost(r["cost"][u], u) for u in COST_UNITS)])
         speed = [r["speedup"][u] for u in COST_UNITS]
-        speed_rows.append([label, *(f"{v:.2f}×" if v is not None else "n/a" for v in speed), r["speedup_note"] or ""])
+        row = [label, *(f"{v:.2f}×" if v is not None else "n/a" for v in speed), r["speedup_note"] or ""]
+        speed_rows.append(row if not partial else [row[0], r["baseline"] or "–", *row[1:]])
     lines = [
         "## Cost to reach the target",
         "",
@@ -175,10 +196,21 @@ def _target(grid: Grid, data: dict[str, Any]) -> list[str]:
         "A seed's cost is its cumulative cost at its first evaluation with `val/acc` ≥ the target; mean ± std over "
         f"the seeds that reached it. {COST_DEFINITION}",
         "",
-        f"Speed-up vs the baseline `{base}` ({data['baseline']['source']}): baseline mean cost / configuration mean "
-        "cost, a ratio of means (> 1: the configuration needs less); n/a unless every seed of both reached the target.",
+        f"Speed-up vs the baseline `{base}` ({data['baseline']['source']}"
+        + ("; each configuration against the one with these values and its own on the other axes" if partial else "")
+        + "): baseline mean cost / configuration mean cost, a ratio of means (> 1: the configuration needs less); "
+        "n/a unless every seed of both reached the target. With few seeds, compare it with the spread of the costs "
+        "above.",
         "",
-        *table(["Configuration", *(UNIT_TITLES[u] for u in COST_UNITS), "Note"], speed_rows, align="lrrrrl"),
+        *(
+            table(
+                ["Configuration", "Baseline", *(UNIT_TITLES[u] for u in COST_UNITS), "Note"],
+                speed_rows,
+                align="llrrrrl",
+            )
+            if partial
+            else table(["Configuration", *(UNIT_TITLES[u] for u in COST_UNITS), "Note"], speed_rows, align="lrrrrl")
+        ),
     ]
     at_pi0 = [s["run"] for r in reach.values() for s in r["per_seed"] if s["at_pi0"]]
     if at_pi0:

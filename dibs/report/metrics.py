@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dibs.report.grid import COST_UNITS, Curve, Grid, ReportError
+from dibs.report.grid import COST_UNITS, SEED_AXIS, Curve, Grid, ReportError, format_value
 
 __all__ = [
     "Budget",
@@ -20,6 +20,7 @@ __all__ = [
     "acc_at_fraction",
     "compute",
     "first_reaching",
+    "match_baselines",
     "resolve_budget",
     "resolve_target",
     "stat",
@@ -104,9 +105,41 @@ def resolve_target(grid: Grid, finals: dict[str, dict[str, Any]], target: float 
     # are defined: the lowest of the runs' best evaluations
     worst = min(grid.runs, key=lambda r: float(np.max(r.curve.acc)))
     best = float(np.max(worst.curve.acc))
-    return Target(
-        best, f"the highest accuracy every run reaches: the best evaluation of {worst.name}, {100 * best:.1f}%"
+    rule = (
+        f"the highest accuracy every run reaches: the best evaluation of {worst.name}, {100 * best:.1f}%; chosen "
+        "from the results, after the fact: set `grid.target` or pass --target to fix it in advance"
     )
+    return Target(best, rule)
+
+
+def match_baselines(grid: Grid, spec: str, source: str) -> dict[str, str | None]:
+    """Each configuration's baseline. ``spec`` is a configuration label, or some of its ``axis=value`` pairs
+    (``algo=raft`` in a grid that also sweeps ``allocation.n_per_prompt``): a configuration is then compared
+    with the one that has the spec's values on those axes and its own values on the others."""
+    if spec in grid.by_config:
+        return {label: spec for label in grid.configurations}
+    config_axes = [a for a in grid.axes if a != SEED_AXIS]
+    pairs = [part.strip().split("=", 1) for part in spec.split(",") if part.strip()]
+    wanted = {key.strip(): value.strip() for key, value in (p for p in pairs if len(p) == 2)}
+    if len(wanted) != len(pairs) or not set(wanted) <= set(config_axes) or not wanted:
+        raise ReportError(
+            f"baseline {spec!r} (from {source}) is neither a configuration of the grid nor axis=value pairs of its "
+            f"axes ({', '.join(config_axes) or 'none'}); the configurations are: "
+            f"{', '.join(repr(c) for c in grid.configurations)}"
+        )
+    values = {
+        label: {a: format_value(runs[0].axis_values[a]) for a in config_axes} for label, runs in grid.by_config.items()
+    }
+    matched: dict[str, str | None] = {}
+    for label, own in values.items():
+        target = {**own, **wanted}
+        matched[label] = next((other for other, theirs in values.items() if theirs == target), None)
+    if not any(matched[label] == label for label in matched):
+        raise ReportError(
+            f"baseline {spec!r} (from {source}) matches no configuration of the grid: "
+            f"{', '.join(repr(c) for c in grid.configurations)}"
+        )
+    return matched
 
 
 def compute(
@@ -124,18 +157,14 @@ def compute(
     if bad or not fractions:
         raise ReportError(f"--fractions must be in (0, 1]; got {list(fractions)}")
     grid_cfg = grid.runs[0].config.get("grid") if isinstance(grid.runs[0].config.get("grid"), dict) else {}
-    baseline_label, baseline_source = (
+    baseline_spec, baseline_source = (
         (baseline, "--baseline")
         if baseline is not None
         else (grid_cfg["baseline"], "`grid.baseline`")
         if grid_cfg.get("baseline")
         else (grid.configurations[0], "the first configuration")
     )
-    if baseline_label not in grid.by_config:
-        raise ReportError(
-            f"baseline {baseline_label!r} (from {baseline_source}) is not a configuration of the grid; "
-            f"the configurations are: {', '.join(repr(c) for c in grid.configurations)}"
-        )
+    baselines = match_baselines(grid, baseline_spec, baseline_source)
     budget = resolve_budget(grid)
 
     finals: dict[str, dict[str, Any]] = {}
@@ -187,15 +216,19 @@ def compute(
             "per_seed": per_seed,
             "cost": {u: stat([h[u] for h in hits]) for u in COST_UNITS},
         }
-    base = reach[baseline_label]
-    for row in reach.values():
+    for label, row in reach.items():
+        row["baseline"] = baselines[label]
         row["speedup"], row["speedup_note"] = {}, None
-        if base["reached"] < base["n"]:
+        base = reach.get(baselines[label]) if baselines[label] is not None else None
+        if base is None:
+            row["speedup_note"] = f"no configuration matches the baseline {baseline_spec!r} on the other axes"
+        elif base["reached"] < base["n"]:
             row["speedup_note"] = f"baseline {base['reached']}/{base['n']} seeds reached"
         elif row["reached"] < row["n"]:
             row["speedup_note"] = f"{row['reached']}/{row['n']} seeds reached"
         for u in COST_UNITS:
-            mine, theirs = row["cost"][u]["mean"], base["cost"][u]["mean"]
+            mine = row["cost"][u]["mean"]
+            theirs = base["cost"][u]["mean"] if base is not None else None
             ok = row["speedup_note"] is None and mine and theirs  # zero: the target was met at π0
             row["speedup"][u] = theirs / mine if ok else None
         if row["speedup_note"] is None and any(v is None for v in row["speedup"].values()):
@@ -225,7 +258,7 @@ def compute(
         ],
         "budget": {"unit": budget.unit, "amount": budget.amount, "source": budget.source},
         "target": {"value": goal.value, "rule": goal.rule},
-        "baseline": {"configuration": baseline_label, "source": baseline_source},
+        "baseline": {"configuration": baseline_spec, "source": baseline_source, "per_configuration": baselines},
         "final": finals,
         "fractions": at_fractions,
         "target_cost": reach,

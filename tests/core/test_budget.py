@@ -51,3 +51,8 @@ def test_bad_budgets_are_refused_with_the_key(given, match):
 def test_unknown_unit_is_refused():
     with pytest.raises(ValueError, match="unit must be one of"):
         Budget("epochs", 3)
+
+
+def test_unknown_budget_key_is_refused_with_the_units():
+    with pytest.raises(ValueError, match=r"budget.wall_s is not a budget: the units are budget.samples"):
+        Budget.from_config(samples=None, wall_s=100)

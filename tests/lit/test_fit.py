@@ -93,10 +93,14 @@ def test_second_run_reuses_the_cached_warm_start_and_resumes(tmp_path, cache):
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
 def test_two_process_fit(tmp_path, cache, trainer):
     run = tmp_path / "run"
-    proc = train(run, cache, f"trainer={trainer}", "trainer.devices=2")
-    assert "Held-out Average@2" in proc.stdout + proc.stderr
+    # an update budget of 3 (2 a step) is reached by iteration 2: both ranks must agree to stop there, or the
+    # run would hang in a collective; the cap of 3 iterations is not reached
+    proc = train(run, cache, f"trainer={trainer}", "trainer.devices=2", "budget.updates=3", "iterations=3")
+    out = proc.stdout + proc.stderr
+    assert "Held-out Average@2" in out and "budget reached after iteration 2: 4 updates >= 3" in out
     s = scalars(run)
-    assert s["rollout/samples_cum"][0] == 16 * 8  # the global budget, split over both ranks
+    assert s["rollout/samples_cum"][0] == 16 * 8  # the global allocation, split over both ranks
+    assert s["cost/updates"] == [0, 2, 4] and s["cost/samples"] == [0, 128, 256]
     assert len(s["train/loss"]) == 2 * 2 and all(v == v for v in s["train/grad_norm"])
 
 
@@ -210,3 +214,19 @@ def test_a_grid_without_multirun_is_refused(tmp_path):
     cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "+grid=raft_vs_raftpp"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "launch it with `python train.py -m +grid=...`" in proc.stderr
+
+
+def test_a_second_run_into_an_occupied_folder_is_refused(tmp_path):
+    (tmp_path / "resolved_config.yaml").write_text("seed: 0\n")  # a folder that already holds a run
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"{tmp_path} already holds a run: resume it with ckpt_path=" in proc.stderr
+
+
+def test_resuming_a_run_its_budget_stopped_trains_no_further(tmp_path, cache):
+    run = tmp_path / "run"
+    train(run, cache, "budget.samples=100")  # 128 samples a step: stops after iteration 1 of 2
+    resumed = train(run, cache, "budget.samples=100", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert "budget already reached (128 samples): done" in resumed.stdout + resumed.stderr
+    s = scalars(run)
+    assert s["cost/samples"] == [0, 128] and len(s["train/loss"]) == 2  # nothing generated or trained after it

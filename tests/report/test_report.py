@@ -226,7 +226,8 @@ def test_defaults_target_baseline_budget_out_dir(tmp_path):
         "the highest accuracy every run reaches: the best evaluation of algo=raft,seed=0, 30.0%" in report.read_text()
     )
     assert all(row["reached"] == row["n"] for row in numbers["target_cost"].values())
-    assert numbers["baseline"] == {"configuration": "algo=raft", "source": "the first configuration"}
+    assert numbers["baseline"]["configuration"] == "algo=raft"
+    assert numbers["baseline"]["source"] == "the first configuration"
     # no budget set: samples, the largest final cost/samples (200), said in the report
     assert numbers["budget"]["unit"] == "samples" and numbers["budget"]["amount"] == pytest.approx(200)
     assert "Budget: 200 samples per run (no budget set in the runs' config" in report.read_text()
@@ -429,3 +430,62 @@ def test_module_entry_point(tmp_path):
     )
     assert proc.returncode == 2
     assert "nothing-here: not a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_partial_baseline_is_matched_within_each_value_of_the_other_axes(tmp_path):
+    root = tmp_path / "grid"
+    write_multirun(root, ["+grid=toy", "allocation.n_per_prompt=4,8"])
+    for n in (4, 8):
+        for (algo, seed), (samples, acc) in CURVES.items():
+            run = write_run(
+                root,
+                algo,
+                seed,
+                name=f"algo={algo},seed={seed},allocation.n_per_prompt={n}",
+                overrides=[f"algo={algo}", f"seed={seed}", f"allocation.n_per_prompt={n}", "+grid=toy"],
+                events=False,
+                **{"allocation.n_per_prompt": n},
+            )
+            write_events(run / "tb", [x * n // 4 for x in samples], acc)  # n = 8 spends twice the samples
+    text = build_report(root).read_text()  # grid.baseline is algo=raft, grid.target 0.3
+    numbers = json.loads((root / "report" / "report.json").read_text())
+    per = numbers["baseline"]["per_configuration"]
+    assert per["algo=raftpp, allocation.n_per_prompt=8"] == "algo=raft, allocation.n_per_prompt=8"
+    assert per["algo=raftpp, allocation.n_per_prompt=4"] == "algo=raft, allocation.n_per_prompt=4"
+    # target 0.30: raft reaches it at 200 and 40 samples (mean 120), raftpp at 50 and 50 (mean 50): 2.4x; with n = 8
+    # both costs double, so against its own n = 8 baseline it is 2.4x again (1.2x if matched with raft at n = 4)
+    for n in (4, 8):
+        row = numbers["target_cost"][f"algo=raftpp, allocation.n_per_prompt={n}"]
+        assert row["speedup"]["samples"] == pytest.approx(2.4)
+    assert "| Configuration | Baseline |" in text
+
+
+def test_a_baseline_naming_no_axis_is_refused(tmp_path):
+    grid = make_grid(tmp_path / "grid")
+    with pytest.raises(ReportError, match="neither a configuration of the grid nor axis=value pairs"):
+        build_report(grid, baseline="lr=0.1")
+    with pytest.raises(ReportError, match="matches no configuration"):
+        build_report(grid, baseline="algo=ppo")
+
+
+def test_a_run_without_its_start_is_refused(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    run = root / "algo=raft,seed=0"
+    for f in (run / "tb").iterdir():
+        f.unlink()
+    write_events(run / "tb", [60, 130, 200], [0.20, 0.25, 0.30], start=1)  # resumed into a new folder: no pi0
+    with pytest.raises(ReportError, match=r"first evaluation is at 60 samples and 4 updates, not the initial policy"):
+        load_grid(root)
+
+
+def test_a_run_that_stopped_short_of_the_budget_is_flagged(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    run = root / "algo=raftpp,seed=1"
+    for f in (run / "tb").iterdir():
+        f.unlink()
+    write_events(run / "tb", [0, 50], [0.20, 0.40])  # crashed after its first iteration
+    text = build_report(root).read_text()
+    # raft seed 1 ends at 190 samples too (its curve), so two runs are flagged
+    assert "**Warning:** 2 run(s) ended before spending the budget of 200 samples" in text
+    assert "algo=raft,seed=1 (190)" in text
+    assert "algo=raftpp,seed=1 (50)" in text
