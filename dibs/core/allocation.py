@@ -21,6 +21,7 @@ class PromptStats:
 
     accept_rate: np.ndarray  # [P] float in [0, 1]
     grad_norm: np.ndarray  # [P] float >= 0
+    samples: np.ndarray | None = None  # [P] how many samples each rate was measured on (None: unknown)
 
 
 class Allocator(Protocol):
@@ -31,7 +32,8 @@ class Allocator(Protocol):
         ...
 
     def allocate(self, num_prompts: int, stats: PromptStats | None = None) -> np.ndarray:
-        """Integer n_i >= 0, shape [num_prompts], summing to exactly ``budget(num_prompts)``."""
+        """Integer n_i >= 0, shape [num_prompts], summing to exactly ``budget(num_prompts)`` (or, when the
+        allocator aligns totals to a multiple, to the largest such multiple not above it)."""
         ...
 
 
