@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -11,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dibs.conf import register_resolvers
+from dibs.core.allocation import PromptStats
 
 register_resolvers()
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -52,7 +54,10 @@ def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
         assert cfg[group] is not None
     task = instantiate(cfg.data.source)
     assert task.train and task.test
-    instantiate(cfg.allocation).allocate(3)
+    allocator = instantiate(cfg.allocation)
+    stats = PromptStats(np.array([0.25, 0.5, 0.0]), np.array([1.0, 2.0, 0.0]), np.full(3, 4.0))
+    n = allocator.allocate(3, stats if allocator.pilot_samples > 0 else None)
+    assert n.sum() == allocator.budget(3)
     instantiate(cfg.reward).close()
     assert callable(instantiate(cfg.rollout.generator))  # partial: train.py adds the model and tokenizer
     instantiate(cfg.logger)

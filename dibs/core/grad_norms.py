@@ -58,7 +58,7 @@ def _output_norm_sq(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _lm_head_norms(hidden, head_weight, input_ids, response_mask) -> torch.Tensor:
     target, keep = _targets(input_ids, response_mask)
-    out = torch.zeros(len(input_ids), dtype=torch.float32)
+    out = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
     for b in range(len(input_ids)):
         e, h = _output_part(hidden[b, :-1], head_weight, target[b], keep[b] > 0)
         out[b] = _output_norm_sq(e, h).sqrt()
@@ -106,12 +106,12 @@ def _embedding_norms(hidden_fn, embeds, head_weight, input_ids, attention_mask, 
         loss = -(logp * keep).sum()  # Σ_b L_b: each sample's inputs only reach its own loss
         (g,) = torch.autograd.grad(loss, embeds)  # [B, L, H]
     hidden = hidden.detach()
-    out = torch.zeros(len(input_ids), dtype=torch.float32)
+    out = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
     for b in range(len(input_ids)):
         valid = attention_mask[b] > 0
         ids, gb = input_ids[b][valid], g[b][valid].float()  # [n], [n, H]
         unique, inverse = torch.unique(ids, return_inverse=True)
-        rows = torch.zeros(len(unique), gb.shape[1]).index_add_(0, inverse, gb)  # A's nonzero rows
+        rows = torch.zeros(len(unique), gb.shape[1], device=gb.device).index_add_(0, inverse, gb)  # A's nonzero rows
         sq = rows.pow(2).sum()
         if tied:  # + the output projection's part of the same tensor, and the cross term
             kb = keep[b] > 0
@@ -134,7 +134,7 @@ def reference_grad_norms(
 
     Kept as the oracle for the fast paths (and for the benchmark); rows are unpadded before the forward.
     """
-    out = torch.zeros(len(input_ids), dtype=torch.float32)
+    out = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
     for b in range(len(input_ids)):
         valid = attention_mask[b] > 0
         ids, resp = input_ids[b][valid][None], response_mask[b][valid][None]

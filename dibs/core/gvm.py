@@ -249,6 +249,10 @@ class GVMAllocator:
     min_per_prompt: int = 0
     max_per_prompt: int | None = None
     align: int = 1
+    # how the E-step measures and uses the pilot (read by the rollout callback, not by the allocation math)
+    grad_param: str = "embed_tokens"  # the tensor G_i is measured on: embed_tokens | lm_head
+    grad_reduction: str = "sum"  # −Σ_t log π (the reference) or the per-token mean
+    reuse_pilot: bool = True  # the pilot samples count towards n_i (the reference discards them)
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 1 or self.pilot_samples < 1:

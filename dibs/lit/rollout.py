@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 
-from dibs.core.allocation import Allocator
+from dibs.core.allocation import Allocator, PromptStats
 from dibs.core.budget import Budget
+from dibs.core.gvm import gini, variance_bound
 from dibs.core.losses import raft_advantages
-from dibs.core.verifier import STATUSES
+from dibs.core.verifier import STATUSES, VerifyResult
 from dibs.lit.datamodule import Trajectory
+from dibs.lit.estimates import accept_rates, policy_grad_norms, to_global
 from dibs.lit.evaluation import EvalResult, evaluate, format_summary, reduce_sum
 from dibs.lit.logs import info, warn
 from dibs.lit.weights import full_state_dict
@@ -54,6 +56,7 @@ class RolloutCallback(L.Callback):
         export_dir: str | None = None,
         seed: int = 0,
         budget: Budget | None = None,
+        grad_token_budget: int = 16384,
     ) -> None:
         self.generator, self.verifier, self.allocator, self.tokenizer = generator, verifier, allocator, tokenizer
         self.sampling, self.eval_sampling, self.eval_samples = sampling, eval_sampling, eval_samples
@@ -64,6 +67,7 @@ class RolloutCallback(L.Callback):
             seed,
         )
         self.budget = budget or Budget()
+        self.grad_token_budget = grad_token_budget  # tokens per forward when measuring G_i
         # Cumulative, all ranks: generated samples and response tokens, accepted samples, and the seconds this
         # rank spent in E-steps and M-steps (evaluation, exports and checkpoints excluded).
         self.totals = {"samples": 0, "tokens": 0, "accepted": 0, "wall_s": 0.0}
@@ -140,15 +144,52 @@ class RolloutCallback(L.Callback):
         e_started = time.perf_counter()
         dm, rank, world = trainer.datamodule, trainer.global_rank, trainer.world_size
         indices = dm.iteration_prompts(iteration, rank, world)
-        global_n = self.allocator.allocate(len(dm.iteration_prompts(iteration)))
-        n_local = global_n[rank::world]  # same slicing as the prompts
+        num_prompts = len(dm.iteration_prompts(iteration))
+        prompts = [dm.train_prompts[i] for i in indices]
+        answers = [dm.train_problems[i].answer for i in indices]
         torch.manual_seed(self.seed * 1_000_003 + iteration * 1_009 + rank)
         started = time.perf_counter()
-        groups = self.generator.generate([dm.train_prompts[i] for i in indices], n_local, self.sampling)
+        pilot_n = self.allocator.pilot_samples
+        pilot: list[list[Completion]] = [[] for _ in indices]
+        pilot_rewards: list[list[float]] = [[] for _ in indices]
+        pilot_status: list[list[str]] = [[] for _ in indices]
+        stats = None
+        if pilot_n > 0:  # stage 1: N' samples per prompt → p_i, G_i → one global allocation
+            pilot = self.generator.generate(prompts, [pilot_n] * len(prompts), self.sampling)
+            scored = self.verifier.score(
+                [c.text for g in pilot for c in g], [a for a, g in zip(answers, pilot) for _ in g]
+            )
+            pilot_rewards = _regroup(scored.rewards, pilot)
+            pilot_status = _regroup(scored.status, pilot)
+            stats = self._pilot_stats(trainer, dm, indices, pilot, pilot_rewards, num_prompts)
+        global_n = self.allocator.allocate(num_prompts, stats)
+        n_local = global_n[rank::world]  # same slicing as the prompts
+        reuse = pilot_n > 0 and getattr(self.allocator, "reuse_pilot", False)
+        kept = [min(int(n), pilot_n) if reuse else 0 for n in n_local]  # pilot samples that count towards n_i
+        fresh = [int(n) - k for n, k in zip(n_local, kept)]
+        stage2 = self.generator.generate(prompts, fresh, self.sampling) if sum(fresh) else [[] for _ in prompts]
         generated = time.perf_counter()
-        flat = [(i, c) for i, group in zip(indices, groups) for c in group]
-        result = self.verifier.score([c.text for _, c in flat], [dm.train_problems[i].answer for i, _ in flat])
+        scored2 = self.verifier.score(
+            [c.text for g in stage2 for c in g], [a for a, g in zip(answers, stage2) for _ in g]
+        )
+        rewards2, status2 = _regroup(scored2.rewards, stage2), _regroup(scored2.status, stage2)
+        flat, rewards, statuses = [], [], []
+        for j, i in enumerate(indices):
+            for c, r, st in [*zip(pilot[j], pilot_rewards[j], pilot_status[j])][: kept[j]] + [
+                *zip(stage2[j], rewards2[j], status2[j])
+            ]:
+                flat.append((i, c))
+                rewards.append(r)
+                statuses.append(st)
+        result = VerifyResult(np.asarray(rewards, dtype=np.float32), tuple(statuses))
         verified = time.perf_counter()
+        pilot_flat = [c for g in pilot for c in g]
+        gen_samples = len(pilot_flat) + sum(len(g) for g in stage2)  # everything generated, pilot included
+        gen_tokens = sum(len(c.token_ids) for c in pilot_flat) + sum(len(c.token_ids) for g in stage2 for c in g)
+        cost = reduce_sum(
+            trainer,
+            np.array([gen_samples, gen_tokens, len(pilot_flat), sum(len(c.token_ids) for c in pilot_flat)], np.float64),
+        )
         advantages = raft_advantages(torch.as_tensor(result.rewards)).tolist()
         trajectories = [
             Trajectory(torch.as_tensor(dm.train_prompts[i]), c.token_ids, c.logprobs, a, float(r))
@@ -167,6 +208,12 @@ class RolloutCallback(L.Callback):
         )
         total = reduce_sum(trainer, local.astype(np.float64))
         samples, tokens, n_accepted, truncated = (int(x) for x in total[:4])
+        gen_samples, gen_tokens, pilot_samples, pilot_tokens = (int(x) for x in cost)
+        if stats is not None:
+            fresh_hits = sum(sum(r > 0.5 for r in group) for group in rewards2)
+            predicted = sum(f * p for f, p in zip(fresh, stats.accept_rate[rank::world]))
+            realised = reduce_sum(trainer, np.array([predicted, fresh_hits, sum(fresh)], np.float64))
+            self._log_allocation(trainer, stats, global_n, realised, iteration)
         skip = n_accepted == 0
         if skip:
             warn(
@@ -174,8 +221,10 @@ class RolloutCallback(L.Callback):
                 "the M-step is skipped and the run continues with the next iteration"
             )
         dm.set_trajectories(iteration, trajectories if self.keep_rejected or not accepted else accepted, skip)
-        for key, value in (("samples", samples), ("tokens", tokens), ("accepted", n_accepted)):
+        for key, value in (("samples", gen_samples), ("tokens", gen_tokens), ("accepted", n_accepted)):
             self.totals[key] += value
+        self.totals["pilot_samples"] = self.totals.get("pilot_samples", 0) + pilot_samples
+        self.totals["pilot_tokens"] = self.totals.get("pilot_tokens", 0) + pilot_tokens
         self.totals["wall_s"] += time.perf_counter() - e_started
         metrics = {
             "rollout/samples": samples,
@@ -183,8 +232,18 @@ class RolloutCallback(L.Callback):
             "rollout/accept_rate": n_accepted / samples,
             "rollout/truncated_frac": truncated / samples,
             "rollout/mean_response_tokens": tokens / samples,
-            "rollout/samples_cum": self.totals["samples"],
+            "rollout/samples_cum": self.totals["samples"],  # generated, pilot included
             "rollout/tokens_cum": self.totals["tokens"],
+            "rollout/generated_samples": gen_samples,
+            "rollout/generated_tokens": gen_tokens,
+            "pilot/samples": pilot_samples,
+            "pilot/tokens": pilot_tokens,
+            "pilot/samples_cum": self.totals["pilot_samples"],
+            "pilot/tokens_cum": self.totals["pilot_tokens"],
+            "stage2/samples": gen_samples - pilot_samples,
+            "stage2/tokens": gen_tokens - pilot_tokens,
+            "stage2/samples_cum": self.totals["samples"] - self.totals["pilot_samples"],
+            "stage2/tokens_cum": self.totals["tokens"] - self.totals["pilot_tokens"],
             "time/generation_s": generated - started,
             "time/verification_s": verified - generated,
             "iteration": iteration,
@@ -192,6 +251,71 @@ class RolloutCallback(L.Callback):
         metrics.update({f"reward/{s}": int(v) for s, v in zip(STATUSES, total[4:])})
         self._log(trainer, metrics)
         self._log_texts(trainer, dm, flat, result, iteration)
+
+    def _pilot_stats(self, trainer, dm, indices, pilot, pilot_rewards, num_prompts) -> PromptStats:
+        """p_i from the pilot's verifier scores (> 0.5), G_i = mean gradient norm over each prompt's accepted
+        pilot samples (0 if none), measured on the training policy; global arrays, identical on every rank."""
+        p_local, m_local = accept_rates(pilot_rewards)
+        rows, owner = [], []
+        for j, (group, rewards) in enumerate(zip(pilot, pilot_rewards)):
+            for c, r in zip(group, rewards):
+                if r > 0.5:
+                    rows.append((torch.as_tensor(dm.train_prompts[indices[j]]), torch.as_tensor(c.token_ids)))
+                    owner.append(j)
+        norms = policy_grad_norms(
+            trainer,
+            trainer.lightning_module.policy,
+            rows,
+            param=getattr(self.allocator, "grad_param", "embed_tokens"),
+            reduction=getattr(self.allocator, "grad_reduction", "sum"),
+            token_budget=self.grad_token_budget,
+            pad_id=dm.pad_id,
+        )
+        g_local = np.zeros(len(indices))
+        for j in range(len(indices)):
+            mine = [norms[k] for k, o in enumerate(owner) if o == j]
+            g_local[j] = float(np.mean(mine)) if mine else 0.0
+        return PromptStats(
+            accept_rate=to_global(trainer, p_local, num_prompts),
+            grad_norm=to_global(trainer, g_local, num_prompts),
+            samples=to_global(trainer, m_local, num_prompts),
+        )
+
+    def _log_allocation(self, trainer, stats: PromptStats, n: np.ndarray, realised: np.ndarray, iteration: int) -> None:
+        """GVM diagnostics: how uneven the allocation is, what it buys, and how well the pilot predicted."""
+        alpha, beta = getattr(self.allocator, "alpha", 1e-3), getattr(self.allocator, "beta", 2.0)
+        p, g = stats.accept_rate, stats.grad_norm
+        uniform = np.full(len(n), n.sum() / max(len(n), 1))
+        bound, base = variance_bound(n, p, g, alpha, beta), variance_bound(uniform, p, g, alpha, beta)
+        predicted, hits, fresh = realised
+        metrics = {
+            "alloc/zero_frac": float(np.mean(n == 0)),
+            "alloc/gini": gini(n),
+            "alloc/variance_vs_uniform": bound / base if base > 0 else float("nan"),
+            "alloc/max_n": float(n.max()),
+            "alloc/pilot_unsolved_frac": float(np.mean(p == 0)),
+            "alloc/predicted_accept": predicted / fresh if fresh else float("nan"),
+            "alloc/realised_accept": hits / fresh if fresh else float("nan"),
+        }
+        self._log(trainer, metrics)
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
+        if experiment is None or not hasattr(experiment, "add_histogram"):
+            return
+        step = trainer.global_step
+        experiment.add_histogram("alloc/n", n, step)
+        experiment.add_histogram("alloc/p", p, step)
+        experiment.add_histogram("alloc/G", g, step)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        points = ax.scatter(p, n, c=g, s=10, cmap="viridis")
+        fig.colorbar(points, ax=ax, label="G_i")
+        ax.set(xlabel="pilot acceptance rate p_i", ylabel="samples n_i", title=f"allocation, iteration {iteration}")
+        fig.tight_layout()
+        experiment.add_figure("alloc/n_vs_p", fig, step, close=True)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _push_weights(self, trainer: L.Trainer) -> None:
@@ -246,3 +370,12 @@ class RolloutCallback(L.Callback):
                 f"    {p.problem}\n\n    {c.text}"
             )
         trainer.logger.experiment.add_text("rollout/samples", "\n\n---\n\n".join(rows), trainer.global_step)
+
+
+def _regroup(values: Sequence[Any], groups: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """A flat list cut back into the shape of ``groups``."""
+    out, start = [], 0
+    for group in groups:
+        out.append(list(values[start : start + len(group)]))
+        start += len(group)
+    return out
