@@ -142,7 +142,7 @@ def round_to_budget(
             raise ValueError("rounding='low_p_first' needs the acceptance rates p")
         n = np.clip(np.floor(x + 1e-9).astype(np.int64), lo, hi)
         order = np.lexsort((-(x - n), np.asarray(p, dtype=np.float64)))  # lowest p first; ties: largest residual
-        candidates = [i for i in order if x[i] > 0]
+        candidates = [i for i in order if x[i] > lo[i] + 1e-12]  # prompts given more than their floor
         if not candidates:
             candidates = list(range(len(x)))
         while (left := total - int(n.sum())) > 0:
@@ -194,9 +194,10 @@ def gvm_allocate(
             f"min_per_prompt={min_per_prompt}"
         )
     cap = max_per_prompt if max_per_prompt is not None else budget
-    if min_per_prompt * count > budget or cap * count < budget or cap < min_per_prompt:
+    aligned = budget - budget % align
+    if min_per_prompt * count > aligned or cap * count < aligned or cap < min_per_prompt:
         raise ValueError(
-            f"no allocation of {budget} samples over {count} prompts fits min_per_prompt={min_per_prompt} and "
+            f"no allocation of {aligned} samples over {count} prompts fits min_per_prompt={min_per_prompt} and "
             f"max_per_prompt={max_per_prompt}"
         )
     solved = p_raw > 0
@@ -210,7 +211,7 @@ def gvm_allocate(
     w = gvm_weights(p, g, alpha, beta)
     # the reference's filters, in its order, on the ratios normalised once
     ratio = w / w.sum() if w.sum() > 0 else w
-    if filter_threshold < 1.0:
+    if 0.0 < filter_threshold < 1.0:  # off at 1 (and at 0, the reference script's default)
         ratio = np.where(p <= filter_threshold, ratio, 0.0)
     if filter_insufficient > 0:
         ratio = np.where(p * ratio * budget >= filter_insufficient, ratio, 0.0)
@@ -228,7 +229,8 @@ def gvm_allocate(
     if fallback:
         x = np.full(count, total / count)
     else:
-        x = reserved + _water_fill(w, rest, np.maximum(lo - reserved, 0.0), hi - reserved)
+        scaled = w / w.max()  # only the ratios matter; keeps the bisection away from float limits
+        x = reserved + _water_fill(scaled, rest, np.maximum(lo - reserved, 0.0), hi - reserved)
     n = round_to_budget(x, total, rounding, p=p, lo=lo.astype(np.int64), hi=hi.astype(np.int64))
     return Allocation(n=n, weights=w, p=p, g=g, budget=budget, total=total, fallback=fallback)
 

@@ -56,11 +56,13 @@ def policy_grad_norms(
     tied = embed_param is head_param
     embed = _full(embed_param).detach()
     head = embed if tied else _full(head_param).detach()
-    body = policy.model  # the decoder up to its final norm (Qwen2, Llama, Mistral layout)
     device = trainer.strategy.root_device
 
     def hidden_fn(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return body(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        # through the root module, whose FSDP2 hooks gather its own parameters (final norm, tables); the last
+        # hidden state is the final norm's output, the input of the output projection
+        out = policy(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        return out.hidden_states[-1]
 
     lengths = [len(p) + len(r) for p, r in rows]
     chunks = chunk_by_tokens(lengths, 0, token_budget) if rows else []

@@ -163,6 +163,10 @@ class RolloutCallback(L.Callback):
             pilot_status = _regroup(scored.status, pilot)
             stats = self._pilot_stats(trainer, dm, indices, pilot, pilot_rewards, num_prompts)
         global_n = self.allocator.allocate(num_prompts, stats)
+        if world > 1:  # one global allocation: every rank must hold the same one
+            summed = reduce_sum(trainer, global_n.astype(np.float64))
+            if not np.array_equal(summed, world * global_n.astype(np.float64)):
+                raise RuntimeError(f"iteration {iteration}: the ranks computed different allocations")
         n_local = global_n[rank::world]  # same slicing as the prompts
         reuse = pilot_n > 0 and getattr(self.allocator, "reuse_pilot", False)
         kept = [min(int(n), pilot_n) if reuse else 0 for n in n_local]  # pilot samples that count towards n_i

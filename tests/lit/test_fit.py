@@ -230,3 +230,26 @@ def test_resuming_a_run_its_budget_stopped_trains_no_further(tmp_path, cache):
     assert "budget already reached (128 samples): done" in resumed.stdout + resumed.stderr
     s = scalars(run)
     assert s["cost/samples"] == [0, 128] and len(s["train/loss"]) == 2  # nothing generated or trained after it
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
+def test_gvm_two_process_fit_shares_one_allocation(tmp_path, cache, trainer):
+    """Pilot, G_i on the (sharded) training policy, one global allocation checked equal on both ranks."""
+    run = tmp_path / "run"
+    proc = train(
+        run,
+        cache,
+        f"trainer={trainer}",
+        "trainer.devices=2",
+        "allocation=gvm",
+        "allocation.n_per_prompt=8",
+        "allocation.pilot_samples=4",
+    )
+    assert "Held-out Average@2" in proc.stdout + proc.stderr
+    s = scalars(run)
+    assert s["pilot/samples"] == [16 * 4, 16 * 4]  # N' = 4 for each of the 16 prompts, over both ranks
+    assert s["rollout/samples"] == [16 * 8, 16 * 8]  # the training data holds exactly N = 8 x 16
+    # everything generated is counted: the pilot plus the fresh stage-2 samples (pilot reused)
+    assert s["cost/samples"][1] == s["rollout/generated_samples"][0] == 64 + s["stage2/samples"][0]
+    assert 0 <= s["alloc/zero_frac"][0] <= 1 and s["alloc/variance_vs_uniform"][0] <= 1.0 + 1e-6
