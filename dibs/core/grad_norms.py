@@ -38,31 +38,25 @@ def _targets(input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torc
     return input_ids[:, 1:], response_mask[:, 1:].to(torch.float32)
 
 
-def _output_part(hidden: torch.Tensor, head_weight: torch.Tensor, target: torch.Tensor, keep: torch.Tensor):
-    """For one sample: E = softmax(H Wᵀ) − onehot(y) over the kept positions, and those positions' H."""
-    h = hidden[keep]  # [T, H]
-    probs = torch.softmax(h.float() @ head_weight.float().T, dim=-1)  # [T, V]
-    e = probs.clone()
-    e[torch.arange(len(h)), target[keep]] -= 1.0
-    return e, h.float()
+def _output_errors(hidden: torch.Tensor, head_weight: torch.Tensor, target: torch.Tensor, keep: torch.Tensor):
+    """E = (softmax(H Wᵀ) − onehot(y)) and H, zeroed where ``keep`` is 0; [B, T, V] and [B, T, H], float32."""
+    keep = keep.to(torch.float32).unsqueeze(-1)
+    h = hidden.float() * keep
+    e = torch.softmax(hidden.float() @ head_weight.float().T, dim=-1)
+    e = e.scatter_add(-1, target.unsqueeze(-1), -torch.ones_like(target, dtype=e.dtype).unsqueeze(-1)) * keep
+    return e, h
 
 
-def _output_norm_sq(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """‖Eᵀ H‖_F², through the T×T Gram matrices or the V×H product, whichever is cheaper."""
-    t, v = e.shape
-    if t * t * (v + h.shape[1]) < t * v * h.shape[1]:
-        return ((e @ e.T) * (h @ h.T)).sum()
-    return (e.T @ h).pow(2).sum()
+def _gram_sq(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per row b: ‖E_bᵀ H_b‖_F² = Σ_{t,s} ⟨e_t, e_s⟩⟨h_t, h_s⟩, batched; [B]."""
+    return ((e @ e.transpose(1, 2)) * (h @ h.transpose(1, 2))).sum(dim=(1, 2))
 
 
 @torch.no_grad()
 def _lm_head_norms(hidden, head_weight, input_ids, response_mask) -> torch.Tensor:
     target, keep = _targets(input_ids, response_mask)
-    out = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
-    for b in range(len(input_ids)):
-        e, h = _output_part(hidden[b, :-1], head_weight, target[b], keep[b] > 0)
-        out[b] = _output_norm_sq(e, h).sqrt()
-    return out
+    e, h = _output_errors(hidden[:, :-1], head_weight, target, keep)
+    return _gram_sq(e, h).clamp(min=0).sqrt()
 
 
 def grad_norms(
@@ -75,10 +69,13 @@ def grad_norms(
     *,
     param: str = "embed_tokens",
     reduction: str = "sum",
+    padding_idx: int | None = None,
 ) -> torch.Tensor:
-    """[B] gradient norms, one per sample (row), w.r.t. ``param``; rows are prompt + response, padded.
+    """[B] gradient norms, one per sample (row), w.r.t. ``param``; rows are prompt + response, right-padded.
 
     ``response_mask`` [B, L] marks response tokens (the ones whose log-probability is summed).
+    ``padding_idx`` is the embedding's (``nn.Embedding(padding_idx=...)``): its row never receives a gradient
+    through the lookup, so occurrences of that id are left out of the input-table part, as autograd does.
     """
     if param not in PARAMS:
         raise ValueError(f"param={param!r} is not one of {PARAMS}")
@@ -90,35 +87,37 @@ def grad_norms(
         with torch.no_grad():
             norms = _lm_head_norms(hidden_fn(embeds, attention_mask), head_weight, input_ids, response_mask)
     else:
-        norms = _embedding_norms(hidden_fn, embeds, head_weight, input_ids, attention_mask, response_mask, tied)
+        norms = _embedding_norms(
+            hidden_fn, embeds, head_weight, input_ids, attention_mask, response_mask, tied, padding_idx
+        )
     if reduction == "mean":
         norms = norms / response_mask[:, 1:].sum(dim=1).clamp(min=1).to(norms.dtype)
     return norms
 
 
-def _embedding_norms(hidden_fn, embeds, head_weight, input_ids, attention_mask, response_mask, tied) -> torch.Tensor:
+def _embedding_norms(
+    hidden_fn, embeds, head_weight, input_ids, attention_mask, response_mask, tied, padding_idx
+) -> torch.Tensor:
     embeds = embeds.clone().requires_grad_(True)
+    target, keep = _targets(input_ids, response_mask)
     with torch.enable_grad():
         hidden = hidden_fn(embeds, attention_mask)  # [B, L, H]
         logits = hidden[:, :-1].float() @ head_weight.detach().float().T  # [B, L-1, V]
-        target, keep = _targets(input_ids, response_mask)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
         loss = -(logp * keep).sum()  # Σ_b L_b: each sample's inputs only reach its own loss
         (g,) = torch.autograd.grad(loss, embeds)  # [B, L, H]
-    hidden = hidden.detach()
-    out = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
-    for b in range(len(input_ids)):
-        valid = attention_mask[b] > 0
-        ids, gb = input_ids[b][valid], g[b][valid].float()  # [n], [n, H]
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        rows = torch.zeros(len(unique), gb.shape[1], device=gb.device).index_add_(0, inverse, gb)  # A's nonzero rows
-        sq = rows.pow(2).sum()
-        if tied:  # + the output projection's part of the same tensor, and the cross term
-            kb = keep[b] > 0
-            e, h = _output_part(hidden[b, :-1], head_weight.detach(), target[b], kb)  # [T, V], [T, H]
-            sq = sq + _output_norm_sq(e, h) + 2.0 * (e[:, ids].T * (gb @ h.T)).sum()
-        out[b] = sq.clamp(min=0).sqrt()
-    return out
+    lookups = attention_mask > 0  # positions whose lookup passes a gradient to the table
+    if padding_idx is not None:
+        lookups = lookups & (input_ids != padding_idx)
+    g = g.float() * lookups.unsqueeze(-1)
+    same = (input_ids.unsqueeze(2) == input_ids.unsqueeze(1)) & lookups.unsqueeze(2) & lookups.unsqueeze(1)
+    sq = (same * (g @ g.transpose(1, 2))).sum(dim=(1, 2))  # ‖A‖²: rows of one id add up before the norm
+    if tied:  # + the output projection's part of the same tensor, and the cross term 2⟨A, B⟩
+        e, h = _output_errors(hidden.detach()[:, :-1], head_weight.detach(), target, keep)  # [B, T, V], [B, T, H]
+        e_at_inputs = e.gather(-1, input_ids.unsqueeze(1).expand(-1, e.shape[1], -1))  # [B, T, L]: E[s, x_t]
+        cross = (e_at_inputs.transpose(1, 2) * (g @ h.transpose(1, 2))).sum(dim=(1, 2))
+        sq = sq + _gram_sq(e, h) + 2.0 * cross
+    return sq.clamp(min=0).sqrt()
 
 
 def reference_grad_norms(

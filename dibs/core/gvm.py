@@ -252,7 +252,7 @@ class GVMAllocator:
     max_per_prompt: int | None = None
     align: int = 1
     # how the E-step measures and uses the pilot (read by the rollout callback, not by the allocation math)
-    grad_param: str = "embed_tokens"  # the tensor G_i is measured on: embed_tokens | lm_head
+    grad_param: str = "embed_tokens"  # the tensor G_i is measured on: embed_tokens | lm_head | none (G_i = 1)
     grad_reduction: str = "sum"  # −Σ_t log π (the reference) or the per-token mean
     reuse_pilot: bool = True  # the pilot samples count towards n_i (the reference discards them)
 
@@ -263,6 +263,8 @@ class GVMAllocator:
             )
         if self.rounding not in ("largest_remainder", "low_p_first"):
             raise ValueError(f"rounding={self.rounding!r} is not 'largest_remainder' or 'low_p_first'")
+        if self.grad_param not in ("embed_tokens", "lm_head", "none"):
+            raise ValueError(f"grad_param={self.grad_param!r} is not 'embed_tokens', 'lm_head' or 'none'")
         if self.prior is not None and (len(self.prior) != 2 or min(self.prior) <= 0):
             raise ValueError(f"prior={self.prior!r} must be two positive Beta pseudo-counts (a, b)")
 

@@ -65,7 +65,8 @@ def policy_grad_norms(
         return out.hidden_states[-1]
 
     lengths = [len(p) + len(r) for p, r in rows]
-    chunks = chunk_by_tokens(lengths, 0, token_budget) if rows else []
+    order = sorted(range(len(rows)), key=lengths.__getitem__)  # similar lengths share a chunk: less padding
+    chunks = [[order[i] for i in c] for c in chunk_by_tokens([lengths[i] for i in order], 0, token_budget)]
     counts = np.zeros(trainer.world_size)
     counts[trainer.global_rank] = len(chunks)
     rounds = int(reduce_sum(trainer, counts).max())  # every rank runs as many forwards (FSDP collectives)
@@ -84,6 +85,7 @@ def policy_grad_norms(
             response.to(device),
             param=param,
             reduction=reduction,
+            padding_idx=getattr(policy.get_input_embeddings(), "padding_idx", None),
         )
         if chunk is not None:
             out[list(chunk)] = norms.cpu().numpy()

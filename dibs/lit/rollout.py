@@ -266,11 +266,19 @@ class RolloutCallback(L.Callback):
                 if r > 0.5:
                     rows.append((torch.as_tensor(dm.train_prompts[indices[j]]), torch.as_tensor(c.token_ids)))
                     owner.append(j)
+        param = getattr(self.allocator, "grad_param", "embed_tokens")
+        if param == "none":  # GVM without G_i: 1/sqrt(p + α/p^(β−1)) weights only (G_i = 1 where solved)
+            g_local = (p_local > 0).astype(np.float64)
+            return PromptStats(
+                accept_rate=to_global(trainer, p_local, num_prompts),
+                grad_norm=to_global(trainer, g_local, num_prompts),
+                samples=to_global(trainer, m_local, num_prompts),
+            )
         norms = policy_grad_norms(
             trainer,
             trainer.lightning_module.policy,
             rows,
-            param=getattr(self.allocator, "grad_param", "embed_tokens"),
+            param=param,
             reduction=getattr(self.allocator, "grad_reduction", "sum"),
             token_budget=self.grad_token_budget,
             pad_id=dm.pad_id,

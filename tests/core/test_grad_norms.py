@@ -8,13 +8,14 @@ from dibs.core.batching import pad_right
 from dibs.core.grad_norms import grad_norms, reference_grad_norms
 
 
-def batch(vocab: int, seed: int = 0):
+def batch(vocab: int, pad_id: int, seed: int = 0):
     """Right-padded prompt+response rows of different lengths, and the response mask."""
     g = torch.Generator().manual_seed(seed)
     rows, masks = [], []
     for prompt_len, response_len in [(5, 7), (3, 12), (8, 2), (4, 9), (6, 1)]:
         ids = torch.randint(0, vocab, (prompt_len + response_len,), generator=g)
         ids[prompt_len] = ids[0]  # a token id used in both prompt and response: rows summed per id
+        ids[1] = pad_id  # the embedding's padding row gets no gradient through the lookup
         rows.append(ids)
         masks.append(torch.cat([torch.zeros(prompt_len), torch.ones(response_len)]))
     ids, attention = pad_right(rows, 0)
@@ -43,7 +44,7 @@ def model_for(tokenizer, tied: bool):
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_fast_paths_equal_the_per_sample_autograd_loop(tokenizer, tied, param, reduction):
     model = model_for(tokenizer, tied)
-    ids, attention, response = batch(len(tokenizer))
+    ids, attention, response = batch(len(tokenizer), tokenizer.pad_token_id)
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
     assert (embed.data_ptr() == head.data_ptr()) == tied
 
@@ -57,7 +58,11 @@ def test_fast_paths_equal_the_per_sample_autograd_loop(tokenizer, tied, param, r
     oracle = reference_grad_norms(
         logits_fn, embed if param == "embed_tokens" else head, ids, attention, response, reduction=reduction
     )
-    fast = grad_norms(hidden_fn, embed, head, ids, attention, response, param=param, reduction=reduction)
+    pad = model.model.embed_tokens.padding_idx
+    assert pad == tokenizer.pad_token_id
+    fast = grad_norms(
+        hidden_fn, embed, head, ids, attention, response, param=param, reduction=reduction, padding_idx=pad
+    )
     assert torch.all(oracle > 0)
     torch.testing.assert_close(fast, oracle, rtol=1e-4, atol=0)
 
@@ -65,7 +70,7 @@ def test_fast_paths_equal_the_per_sample_autograd_loop(tokenizer, tied, param, r
 def test_tied_norm_differs_from_either_part_alone(tokenizer):
     # on a tied model the measured G counts the input-table and the output-projection gradients together
     tied = model_for(tokenizer, True)
-    ids, attention, response = batch(len(tokenizer), seed=1)
+    ids, attention, response = batch(len(tokenizer), tokenizer.pad_token_id, seed=1)
     embed = tied.model.embed_tokens.weight
 
     def hidden_fn(embeds, mask):

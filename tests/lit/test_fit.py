@@ -253,3 +253,20 @@ def test_gvm_two_process_fit_shares_one_allocation(tmp_path, cache, trainer):
     # everything generated is counted: the pilot plus the fresh stage-2 samples (pilot reused)
     assert s["cost/samples"][1] == s["rollout/generated_samples"][0] == 64 + s["stage2/samples"][0]
     assert 0 <= s["alloc/zero_frac"][0] <= 1 and s["alloc/variance_vs_uniform"][0] <= 1.0 + 1e-6
+
+
+def test_gvm_with_the_pilot_discarded_and_without_gradient_norms(tmp_path, cache):
+    run = tmp_path / "run"
+    train(
+        run,
+        cache,
+        "allocation=gvm",
+        "allocation.n_per_prompt=8",
+        "allocation.pilot_samples=4",
+        "allocation.reuse_pilot=false",
+        "allocation.grad_param=none",
+    )
+    s = scalars(run)
+    assert s["pilot/samples"] == [64, 64] and s["stage2/samples"] == [128, 128]  # all N drawn afresh
+    assert s["rollout/samples"] == [128, 128] and s["cost/samples"] == [0, 192, 384]  # the pilot is paid for
+    assert s["alloc/variance_vs_uniform"][0] <= 1.0 + 1e-6
