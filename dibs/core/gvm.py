@@ -255,6 +255,8 @@ class GVMAllocator:
     grad_param: str = "embed_tokens"  # the tensor G_i is measured on: embed_tokens | lm_head | none (G_i = 1)
     grad_reduction: str = "sum"  # −Σ_t log π (the reference) or the per-token mean
     reuse_pilot: bool = True  # the pilot samples count towards n_i (the reference discards them)
+    refresh_every: int = 1  # pilot every prompt every k iterations; in between, only prompts never estimated
+    online: bool = False  # no pilot for prompts estimated before: p_i, G_i from their last training samples
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 1 or self.pilot_samples < 1:
@@ -263,6 +265,8 @@ class GVMAllocator:
             )
         if self.rounding not in ("largest_remainder", "low_p_first"):
             raise ValueError(f"rounding={self.rounding!r} is not 'largest_remainder' or 'low_p_first'")
+        if self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
         if self.grad_param not in ("embed_tokens", "lm_head", "none"):
             raise ValueError(f"grad_param={self.grad_param!r} is not 'embed_tokens', 'lm_head' or 'none'")
         if self.prior is not None and (len(self.prior) != 2 or min(self.prior) <= 0):

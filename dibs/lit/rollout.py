@@ -71,6 +71,7 @@ class RolloutCallback(L.Callback):
         # Cumulative, all ranks: generated samples and response tokens, accepted samples, and the seconds this
         # rank spent in E-steps and M-steps (evaluation, exports and checkpoints excluded).
         self.totals = {"samples": 0, "tokens": 0, "accepted": 0, "wall_s": 0.0}
+        self.prompt_stats: dict[int, tuple[float, float, float]] = {}  # train prompt -> (p, G, samples) last seen
         self.evals: list[EvalResult] = []
         self._train_started = 0.0
         self._pushed_at = -1  # global step of the weights the generator holds
@@ -119,11 +120,14 @@ class RolloutCallback(L.Callback):
             print("\n" + format_summary(self.evals[0], self.evals[-1], samples=self.eval_samples, where=where))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"totals": dict(self.totals), "evals": [e.__dict__ for e in self.evals]}
+        stats = {"index": list(self.prompt_stats), "values": [list(v) for v in self.prompt_stats.values()]}
+        return {"totals": dict(self.totals), "evals": [e.__dict__ for e in self.evals], "prompt_stats": stats}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.totals.update(state["totals"])
         self.evals = [EvalResult(**e) for e in state["evals"]]
+        stats = state.get("prompt_stats", {"index": [], "values": []})
+        self.prompt_stats = {int(i): tuple(v) for i, v in zip(stats["index"], stats["values"])}
 
     def costs(self, trainer: L.Trainer) -> dict[str, float]:
         """Cumulative costs so far, in the units of ``dibs.core.budget`` plus wall seconds."""
@@ -155,13 +159,16 @@ class RolloutCallback(L.Callback):
         pilot_status: list[list[str]] = [[] for _ in indices]
         stats = None
         if pilot_n > 0:  # stage 1: N' samples per prompt → p_i, G_i → one global allocation
-            pilot = self.generator.generate(prompts, [pilot_n] * len(prompts), self.sampling)
+            need = self._needs_pilot(iteration, indices)
+            pilot = self.generator.generate(prompts, [pilot_n if x else 0 for x in need], self.sampling)
             scored = self.verifier.score(
                 [c.text for g in pilot for c in g], [a for a, g in zip(answers, pilot) for _ in g]
             )
             pilot_rewards = _regroup(scored.rewards, pilot)
             pilot_status = _regroup(scored.status, pilot)
-            stats = self._pilot_stats(trainer, dm, indices, pilot, pilot_rewards, num_prompts)
+            fresh_stats = self._pilot_stats(trainer, dm, indices, pilot, pilot_rewards, num_prompts)
+            piloted = to_global(trainer, np.array(need, dtype=np.float64), num_prompts) > 0
+            stats = self._merge_stats(dm.iteration_prompts(iteration), piloted, fresh_stats)
         global_n = self.allocator.allocate(num_prompts, stats)
         if world > 1:  # one global allocation: every rank must hold the same one
             summed = reduce_sum(trainer, global_n.astype(np.float64))
@@ -169,7 +176,7 @@ class RolloutCallback(L.Callback):
                 raise RuntimeError(f"iteration {iteration}: the ranks computed different allocations")
         n_local = global_n[rank::world]  # same slicing as the prompts
         reuse = pilot_n > 0 and getattr(self.allocator, "reuse_pilot", False)
-        kept = [min(int(n), pilot_n) if reuse else 0 for n in n_local]  # pilot samples that count towards n_i
+        kept = [min(int(n), len(g)) if reuse else 0 for n, g in zip(n_local, pilot)]  # pilot samples within n_i
         fresh = [int(n) - k for n, k in zip(n_local, kept)]
         stage2 = self.generator.generate(prompts, fresh, self.sampling) if sum(fresh) else [[] for _ in prompts]
         generated = time.perf_counter()
@@ -186,6 +193,9 @@ class RolloutCallback(L.Callback):
                 rewards.append(r)
                 statuses.append(st)
         result = VerifyResult(np.asarray(rewards, dtype=np.float32), tuple(statuses))
+        if pilot_n > 0 and getattr(self.allocator, "online", False):
+            by_prompt = [[c for (i2, c) in flat if i2 == i] for i in indices]
+            self._online_update(trainer, dm, indices, by_prompt, _regroup(rewards, by_prompt), num_prompts, iteration)
         verified = time.perf_counter()
         pilot_flat = [c for g in pilot for c in g]
         gen_samples = len(pilot_flat) + sum(len(g) for g in stage2)  # everything generated, pilot included
@@ -255,6 +265,38 @@ class RolloutCallback(L.Callback):
         metrics.update({f"reward/{s}": int(v) for s, v in zip(STATUSES, total[4:])})
         self._log(trainer, metrics)
         self._log_texts(trainer, dm, flat, result, iteration)
+
+    def _needs_pilot(self, iteration: int, indices: list[int]) -> list[bool]:
+        """Which of this rank's prompts get a pilot: all of them on a refresh iteration (every
+        ``refresh_every``), else (and always in online mode) only those without stored estimates."""
+        online = getattr(self.allocator, "online", False)
+        refresh = getattr(self.allocator, "refresh_every", 1)
+        if not online and iteration % max(refresh, 1) == 0:
+            return [True] * len(indices)
+        return [i not in self.prompt_stats for i in indices]
+
+    def _merge_stats(self, global_indices: list[int], piloted: np.ndarray, fresh: PromptStats) -> PromptStats:
+        """The pilot's estimates where a pilot ran (and stored for later), the stored ones elsewhere."""
+        p, g, m = fresh.accept_rate.copy(), fresh.grad_norm.copy(), fresh.samples.copy()
+        for j, i in enumerate(global_indices):
+            if piloted[j]:
+                self.prompt_stats[i] = (float(p[j]), float(g[j]), float(m[j]))
+            else:
+                p[j], g[j], m[j] = self.prompt_stats[i]
+        return PromptStats(accept_rate=p, grad_norm=g, samples=m)
+
+    def _online_update(self, trainer, dm, indices, groups, rewards, num_prompts, iteration) -> None:
+        """Online mode: each prompt's estimates from this iteration's training samples (p from all of them,
+        G from up to N' accepted ones), kept for the next time the prompt is drawn."""
+        cap = self.allocator.pilot_samples
+        capped = [[c for c, r in zip(g, rs) if r > 0.5][:cap] for g, rs in zip(groups, rewards)]
+        stats = self._pilot_stats(trainer, dm, indices, capped, [[1.0] * len(c) for c in capped], num_prompts)
+        p_local, m_local = accept_rates(rewards)
+        p = to_global(trainer, p_local, num_prompts)
+        m = to_global(trainer, m_local, num_prompts)
+        for j, i in enumerate(dm.iteration_prompts(iteration)):
+            if m[j] > 0:
+                self.prompt_stats[i] = (float(p[j]), float(stats.grad_norm[j]), float(m[j]))
 
     def _pilot_stats(self, trainer, dm, indices, pilot, pilot_rewards, num_prompts) -> PromptStats:
         """p_i from the pilot's verifier scores (> 0.5), G_i = mean gradient norm over each prompt's accepted

@@ -270,3 +270,28 @@ def test_gvm_with_the_pilot_discarded_and_without_gradient_norms(tmp_path, cache
     assert s["pilot/samples"] == [64, 64] and s["stage2/samples"] == [128, 128]  # all N drawn afresh
     assert s["rollout/samples"] == [128, 128] and s["cost/samples"] == [0, 192, 384]  # the pilot is paid for
     assert s["alloc/variance_vs_uniform"][0] <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["allocation.online=true", "allocation.refresh_every=2"])
+def test_gvm_online_and_refresh_modes_pilot_only_what_they_must(tmp_path, cache, mode):
+    # a pool of 40 prompts, 16 drawn per iteration: later iterations meet prompts estimated before
+    run = tmp_path / "run"
+    train(
+        run,
+        cache,
+        "allocation=gvm",
+        "allocation.n_per_prompt=8",
+        "allocation.pilot_samples=4",
+        mode,
+        "iterations=3",
+        "data.source.n_train=40",
+    )
+    s = scalars(run)
+    assert s["rollout/samples"] == [128, 128, 128]  # N = 8 x 16 whatever the pilot
+    pilot = s["pilot/samples"]
+    assert pilot[0] == 64 and 0 < pilot[1] < 64  # iteration 1: only prompts never estimated get a pilot
+    if "refresh_every" in mode:
+        assert pilot[2] == 64  # iteration 2 refreshes every prompt
+    else:
+        assert pilot[2] < 64  # online: estimates come from earlier training samples
+    assert s["cost/samples"][-1] == sum(s["rollout/generated_samples"])  # the pilot is paid for
