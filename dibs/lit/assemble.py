@@ -58,7 +58,7 @@ def prepare_policy(
         policy, report = cached
         info(
             f"pi0: reusing cached warm start {folder} (SFT {report.steps} steps, {report.seconds:.0f}s, "
-            f"accuracy {100 * report.accuracy:.0f}% when it stopped)"
+            f"{_accuracy(report)} when it stopped)"
         )
         return policy, load_tokenizer(folder)
     staging = folder.with_name(f"{key}.tmp-{os.getpid()}")
@@ -75,7 +75,7 @@ def prepare_policy(
     report = _run_sft(policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling)
     info(
         f"pi0: SFT stopped by {report.stopped_by} after {report.steps} steps ({report.seconds:.0f}s), "
-        f"accuracy {100 * report.accuracy:.0f}%; cached in {folder}"
+        f"{_accuracy(report)}; cached in {folder}"
     )
     if folder.exists():  # another process finished first; keep its copy
         shutil.rmtree(staging)
@@ -161,3 +161,7 @@ def schedule_horizon(
     unforeseen = " (the iterations cap: a token budget cannot be foreseen)" if budget.unit == "tokens" else ""
     info(f"budget: {budget.amount} {budget.unit}; the learning-rate schedule spans {horizon} iterations{unforeseen}")
     return horizon
+
+
+def _accuracy(report: WarmStartReport) -> str:
+    return f"accuracy {100 * report.accuracy:.0f}%" if report.accuracy >= 0 else "accuracy not measured"
