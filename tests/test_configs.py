@@ -85,3 +85,11 @@ def test_every_grid_composes_and_names_existing_axes(grid, tmp_path):
 
 def test_grids_were_found():
     assert GRIDS, "experiments/grid/ holds no grid"
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF.parent / "experiments" / "allocation").glob("*.yaml")))
+def test_experiment_allocation_variants_compose_and_allocate(option):
+    cfg = compose_with([f"allocation={option}"])
+    allocator = instantiate(cfg.allocation)
+    stats = PromptStats(np.array([0.25, 0.5, 0.0]), np.array([1.0, 2.0, 0.0]), np.full(3, 4.0))
+    assert allocator.allocate(3, stats if allocator.pilot_samples > 0 else None).sum() == allocator.budget(3)
