@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
+from dibs.core.allocation import PromptStats
 from dibs.core.batching import chunk_by_tokens, pad_right
 from dibs.core.grad_norms import grad_norms
 from dibs.lit.evaluation import reduce_sum
 
-__all__ = ["accept_rates", "policy_grad_norms", "to_global"]
+__all__ = ["PilotStats", "accept_rates", "policy_grad_norms", "to_global"]
 
 
 def accept_rates(rewards: Sequence[Sequence[float]], threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -90,3 +91,82 @@ def policy_grad_norms(
         if chunk is not None:
             out[list(chunk)] = norms.cpu().numpy()
     return out
+
+
+class PilotStats:
+    """The E-step's p_i and G_i: measured from pilot samples, and kept per train prompt (identical on every
+    rank) so that ``refresh_every`` and the online mode can reuse them for prompts met before."""
+
+    def __init__(self, allocator: Any, grad_token_budget: int) -> None:
+        self.allocator, self.grad_token_budget = allocator, grad_token_budget
+        self.store: dict[int, tuple[float, float, float]] = {}  # train prompt -> (p, G, samples) last seen
+
+    def state(self) -> dict[str, list]:
+        return {"index": list(self.store), "values": [list(v) for v in self.store.values()]}
+
+    def load(self, state: dict[str, list]) -> None:
+        self.store = {int(i): tuple(v) for i, v in zip(state["index"], state["values"])}
+
+    def needs_pilot(self, iteration: int, indices: list[int]) -> list[bool]:
+        """Which of this rank's prompts get a pilot: all of them on a refresh iteration (every
+        ``refresh_every``), else (and always in online mode) only those without stored estimates."""
+        online = getattr(self.allocator, "online", False)
+        refresh = getattr(self.allocator, "refresh_every", 1)
+        if not online and iteration % max(refresh, 1) == 0:
+            return [True] * len(indices)
+        return [i not in self.store for i in indices]
+
+    def merge(self, global_indices: list[int], piloted: np.ndarray, fresh: PromptStats) -> PromptStats:
+        """The pilot's estimates where a pilot ran (and stored for later), the stored ones elsewhere."""
+        p, g, m = fresh.accept_rate.copy(), fresh.grad_norm.copy(), fresh.samples.copy()
+        for j, i in enumerate(global_indices):
+            if piloted[j]:
+                self.store[i] = (float(p[j]), float(g[j]), float(m[j]))
+            else:
+                p[j], g[j], m[j] = self.store[i]
+        return PromptStats(accept_rate=p, grad_norm=g, samples=m)
+
+    def online_update(self, trainer, dm, indices, groups, rewards, num_prompts: int, iteration: int) -> None:
+        """Online mode: each prompt's estimates from this iteration's training samples (p from all of them,
+        G from up to N' accepted ones), kept for the next time the prompt is drawn."""
+        cap = self.allocator.pilot_samples
+        capped = [[c for c, r in zip(g, rs) if r > 0.5][:cap] for g, rs in zip(groups, rewards)]
+        stats = self.measure(trainer, dm, indices, capped, [[1.0] * len(c) for c in capped], num_prompts)
+        p_local, m_local = accept_rates(rewards)
+        p = to_global(trainer, p_local, num_prompts)
+        m = to_global(trainer, m_local, num_prompts)
+        for j, i in enumerate(dm.iteration_prompts(iteration)):
+            if m[j] > 0:
+                self.store[i] = (float(p[j]), float(stats.grad_norm[j]), float(m[j]))
+
+    def measure(self, trainer, dm, indices, pilot, pilot_rewards, num_prompts: int) -> PromptStats:
+        """p_i from the pilot's verifier scores (> 0.5), G_i = mean gradient norm over each prompt's accepted
+        pilot samples (0 if none), measured on the training policy; global arrays, identical on every rank."""
+        p_local, m_local = accept_rates(pilot_rewards)
+        param = getattr(self.allocator, "grad_param", "embed_tokens")
+        if param == "none":  # GVM without G_i: 1/sqrt(p + α/p^(β−1)) weights only (G_i = 1 where solved)
+            g_local = (p_local > 0).astype(np.float64)
+        else:
+            rows, owner = [], []
+            for j, (group, rewards) in enumerate(zip(pilot, pilot_rewards)):
+                for c, r in zip(group, rewards):
+                    if r > 0.5:
+                        rows.append((torch.as_tensor(dm.train_prompts[indices[j]]), torch.as_tensor(c.token_ids)))
+                        owner.append(j)
+            norms = policy_grad_norms(
+                trainer,
+                trainer.lightning_module.policy,
+                rows,
+                param=param,
+                reduction=getattr(self.allocator, "grad_reduction", "sum"),
+                token_budget=self.grad_token_budget,
+                pad_id=dm.pad_id,
+            )
+            sums = np.bincount(owner, weights=norms, minlength=len(indices)) if owner else np.zeros(len(indices))
+            counts = np.bincount(owner, minlength=len(indices)) if owner else np.zeros(len(indices))
+            g_local = np.divide(sums, counts, out=np.zeros(len(indices)), where=counts > 0)
+        return PromptStats(
+            accept_rate=to_global(trainer, p_local, num_prompts),
+            grad_norm=to_global(trainer, g_local, num_prompts),
+            samples=to_global(trainer, m_local, num_prompts),
+        )

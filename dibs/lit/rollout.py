@@ -25,13 +25,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from dibs.core.allocation import Allocator, PromptStats
+from dibs.core.allocation import Allocator
 from dibs.core.budget import Budget
-from dibs.core.gvm import gini, variance_bound
 from dibs.core.losses import raft_advantages
 from dibs.core.verifier import STATUSES, VerifyResult
 from dibs.lit.datamodule import Trajectory
-from dibs.lit.estimates import accept_rates, policy_grad_norms, to_global
+from dibs.lit.diagnostics import allocation_metrics, log_allocation_images
+from dibs.lit.estimates import PilotStats, to_global
 from dibs.lit.evaluation import EvalResult, evaluate, format_summary, reduce_sum
 from dibs.lit.logs import info, warn
 from dibs.lit.weights import full_state_dict
@@ -67,11 +67,10 @@ class RolloutCallback(L.Callback):
             seed,
         )
         self.budget = budget or Budget()
-        self.grad_token_budget = grad_token_budget  # tokens per forward when measuring G_i
         # Cumulative, all ranks: generated samples and response tokens, accepted samples, and the seconds this
         # rank spent in E-steps and M-steps (evaluation, exports and checkpoints excluded).
         self.totals = {"samples": 0, "tokens": 0, "accepted": 0, "wall_s": 0.0}
-        self.prompt_stats: dict[int, tuple[float, float, float]] = {}  # train prompt -> (p, G, samples) last seen
+        self.pilot = PilotStats(allocator, grad_token_budget)  # p_i, G_i measurement and the per-prompt store
         self.evals: list[EvalResult] = []
         self._train_started = 0.0
         self._pushed_at = -1  # global step of the weights the generator holds
@@ -120,14 +119,16 @@ class RolloutCallback(L.Callback):
             print("\n" + format_summary(self.evals[0], self.evals[-1], samples=self.eval_samples, where=where))
 
     def state_dict(self) -> dict[str, Any]:
-        stats = {"index": list(self.prompt_stats), "values": [list(v) for v in self.prompt_stats.values()]}
-        return {"totals": dict(self.totals), "evals": [e.__dict__ for e in self.evals], "prompt_stats": stats}
+        return {
+            "totals": dict(self.totals),
+            "evals": [e.__dict__ for e in self.evals],
+            "prompt_stats": self.pilot.state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.totals.update(state["totals"])
         self.evals = [EvalResult(**e) for e in state["evals"]]
-        stats = state.get("prompt_stats", {"index": [], "values": []})
-        self.prompt_stats = {int(i): tuple(v) for i, v in zip(stats["index"], stats["values"])}
+        self.pilot.load(state.get("prompt_stats", {"index": [], "values": []}))
 
     def costs(self, trainer: L.Trainer) -> dict[str, float]:
         """Cumulative costs so far, in the units of ``dibs.core.budget`` plus wall seconds."""
@@ -159,16 +160,16 @@ class RolloutCallback(L.Callback):
         pilot_status: list[list[str]] = [[] for _ in indices]
         stats = None
         if pilot_n > 0:  # stage 1: N' samples per prompt → p_i, G_i → one global allocation
-            need = self._needs_pilot(iteration, indices)
+            need = self.pilot.needs_pilot(iteration, indices)
             pilot = self.generator.generate(prompts, [pilot_n if x else 0 for x in need], self.sampling)
             scored = self.verifier.score(
                 [c.text for g in pilot for c in g], [a for a, g in zip(answers, pilot) for _ in g]
             )
             pilot_rewards = _regroup(scored.rewards, pilot)
             pilot_status = _regroup(scored.status, pilot)
-            fresh_stats = self._pilot_stats(trainer, dm, indices, pilot, pilot_rewards, num_prompts)
+            fresh_stats = self.pilot.measure(trainer, dm, indices, pilot, pilot_rewards, num_prompts)
             piloted = to_global(trainer, np.array(need, dtype=np.float64), num_prompts) > 0
-            stats = self._merge_stats(dm.iteration_prompts(iteration), piloted, fresh_stats)
+            stats = self.pilot.merge(dm.iteration_prompts(iteration), piloted, fresh_stats)
         global_n = self.allocator.allocate(num_prompts, stats)
         if world > 1:  # one global allocation: every rank must hold the same one
             summed = reduce_sum(trainer, global_n.astype(np.float64))
@@ -185,17 +186,19 @@ class RolloutCallback(L.Callback):
         )
         rewards2, status2 = _regroup(scored2.rewards, stage2), _regroup(scored2.status, stage2)
         flat, rewards, statuses = [], [], []
+        groups: list[list[Completion]] = []  # this iteration's training samples of each prompt
+        group_rewards: list[list[float]] = []
         for j, i in enumerate(indices):
-            for c, r, st in [*zip(pilot[j], pilot_rewards[j], pilot_status[j])][: kept[j]] + [
-                *zip(stage2[j], rewards2[j], status2[j])
-            ]:
-                flat.append((i, c))
-                rewards.append(r)
-                statuses.append(st)
+            chosen = [*zip(pilot[j], pilot_rewards[j], pilot_status[j])][: kept[j]]
+            chosen += [*zip(stage2[j], rewards2[j], status2[j])]
+            groups.append([c for c, _, _ in chosen])
+            group_rewards.append([r for _, r, _ in chosen])
+            flat += [(i, c) for c, _, _ in chosen]
+            rewards += group_rewards[-1]
+            statuses += [st for _, _, st in chosen]
         result = VerifyResult(np.asarray(rewards, dtype=np.float32), tuple(statuses))
         if pilot_n > 0 and getattr(self.allocator, "online", False):
-            by_prompt = [[c for (i2, c) in flat if i2 == i] for i in indices]
-            self._online_update(trainer, dm, indices, by_prompt, _regroup(rewards, by_prompt), num_prompts, iteration)
+            self.pilot.online_update(trainer, dm, indices, groups, group_rewards, num_prompts, iteration)
         verified = time.perf_counter()
         pilot_flat = [c for g in pilot for c in g]
         gen_samples = len(pilot_flat) + sum(len(g) for g in stage2)  # everything generated, pilot included
@@ -227,7 +230,8 @@ class RolloutCallback(L.Callback):
             fresh_hits = sum(sum(r > 0.5 for r in group) for group in rewards2)
             predicted = sum(f * p for f, p in zip(fresh, stats.accept_rate[rank::world]))
             realised = reduce_sum(trainer, np.array([predicted, fresh_hits, sum(fresh)], np.float64))
-            self._log_allocation(trainer, stats, global_n, realised, iteration)
+            self._log(trainer, allocation_metrics(self.allocator, stats, global_n, realised))
+            log_allocation_images(trainer, stats, global_n, iteration)
         skip = n_accepted == 0
         if skip:
             warn(
@@ -265,111 +269,6 @@ class RolloutCallback(L.Callback):
         metrics.update({f"reward/{s}": int(v) for s, v in zip(STATUSES, total[4:])})
         self._log(trainer, metrics)
         self._log_texts(trainer, dm, flat, result, iteration)
-
-    def _needs_pilot(self, iteration: int, indices: list[int]) -> list[bool]:
-        """Which of this rank's prompts get a pilot: all of them on a refresh iteration (every
-        ``refresh_every``), else (and always in online mode) only those without stored estimates."""
-        online = getattr(self.allocator, "online", False)
-        refresh = getattr(self.allocator, "refresh_every", 1)
-        if not online and iteration % max(refresh, 1) == 0:
-            return [True] * len(indices)
-        return [i not in self.prompt_stats for i in indices]
-
-    def _merge_stats(self, global_indices: list[int], piloted: np.ndarray, fresh: PromptStats) -> PromptStats:
-        """The pilot's estimates where a pilot ran (and stored for later), the stored ones elsewhere."""
-        p, g, m = fresh.accept_rate.copy(), fresh.grad_norm.copy(), fresh.samples.copy()
-        for j, i in enumerate(global_indices):
-            if piloted[j]:
-                self.prompt_stats[i] = (float(p[j]), float(g[j]), float(m[j]))
-            else:
-                p[j], g[j], m[j] = self.prompt_stats[i]
-        return PromptStats(accept_rate=p, grad_norm=g, samples=m)
-
-    def _online_update(self, trainer, dm, indices, groups, rewards, num_prompts, iteration) -> None:
-        """Online mode: each prompt's estimates from this iteration's training samples (p from all of them,
-        G from up to N' accepted ones), kept for the next time the prompt is drawn."""
-        cap = self.allocator.pilot_samples
-        capped = [[c for c, r in zip(g, rs) if r > 0.5][:cap] for g, rs in zip(groups, rewards)]
-        stats = self._pilot_stats(trainer, dm, indices, capped, [[1.0] * len(c) for c in capped], num_prompts)
-        p_local, m_local = accept_rates(rewards)
-        p = to_global(trainer, p_local, num_prompts)
-        m = to_global(trainer, m_local, num_prompts)
-        for j, i in enumerate(dm.iteration_prompts(iteration)):
-            if m[j] > 0:
-                self.prompt_stats[i] = (float(p[j]), float(stats.grad_norm[j]), float(m[j]))
-
-    def _pilot_stats(self, trainer, dm, indices, pilot, pilot_rewards, num_prompts) -> PromptStats:
-        """p_i from the pilot's verifier scores (> 0.5), G_i = mean gradient norm over each prompt's accepted
-        pilot samples (0 if none), measured on the training policy; global arrays, identical on every rank."""
-        p_local, m_local = accept_rates(pilot_rewards)
-        rows, owner = [], []
-        for j, (group, rewards) in enumerate(zip(pilot, pilot_rewards)):
-            for c, r in zip(group, rewards):
-                if r > 0.5:
-                    rows.append((torch.as_tensor(dm.train_prompts[indices[j]]), torch.as_tensor(c.token_ids)))
-                    owner.append(j)
-        param = getattr(self.allocator, "grad_param", "embed_tokens")
-        if param == "none":  # GVM without G_i: 1/sqrt(p + α/p^(β−1)) weights only (G_i = 1 where solved)
-            g_local = (p_local > 0).astype(np.float64)
-            return PromptStats(
-                accept_rate=to_global(trainer, p_local, num_prompts),
-                grad_norm=to_global(trainer, g_local, num_prompts),
-                samples=to_global(trainer, m_local, num_prompts),
-            )
-        norms = policy_grad_norms(
-            trainer,
-            trainer.lightning_module.policy,
-            rows,
-            param=param,
-            reduction=getattr(self.allocator, "grad_reduction", "sum"),
-            token_budget=self.grad_token_budget,
-            pad_id=dm.pad_id,
-        )
-        g_local = np.zeros(len(indices))
-        for j in range(len(indices)):
-            mine = [norms[k] for k, o in enumerate(owner) if o == j]
-            g_local[j] = float(np.mean(mine)) if mine else 0.0
-        return PromptStats(
-            accept_rate=to_global(trainer, p_local, num_prompts),
-            grad_norm=to_global(trainer, g_local, num_prompts),
-            samples=to_global(trainer, m_local, num_prompts),
-        )
-
-    def _log_allocation(self, trainer, stats: PromptStats, n: np.ndarray, realised: np.ndarray, iteration: int) -> None:
-        """GVM diagnostics: how uneven the allocation is, what it buys, and how well the pilot predicted."""
-        alpha, beta = getattr(self.allocator, "alpha", 1e-3), getattr(self.allocator, "beta", 2.0)
-        p, g = stats.accept_rate, stats.grad_norm
-        uniform = np.full(len(n), n.sum() / max(len(n), 1))
-        bound, base = variance_bound(n, p, g, alpha, beta), variance_bound(uniform, p, g, alpha, beta)
-        predicted, hits, fresh = realised
-        metrics = {
-            "alloc/zero_frac": float(np.mean(n == 0)),
-            "alloc/gini": gini(n),
-            "alloc/variance_vs_uniform": bound / base if base > 0 else float("nan"),
-            "alloc/max_n": float(n.max()),
-            "alloc/pilot_unsolved_frac": float(np.mean(p == 0)),
-            "alloc/predicted_accept": predicted / fresh if fresh else float("nan"),
-            "alloc/realised_accept": hits / fresh if fresh else float("nan"),
-        }
-        self._log(trainer, metrics)
-        experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
-        if experiment is None or not hasattr(experiment, "add_histogram"):
-            return
-        step = trainer.global_step
-        experiment.add_histogram("alloc/n", n, step)
-        experiment.add_histogram("alloc/p", p, step)
-        experiment.add_histogram("alloc/G", g, step)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        points = ax.scatter(p, n, c=g, s=10, cmap="viridis")
-        fig.colorbar(points, ax=ax, label="G_i")
-        ax.set(xlabel="pilot acceptance rate p_i", ylabel="samples n_i", title=f"allocation, iteration {iteration}")
-        fig.tight_layout()
-        experiment.add_figure("alloc/n_vs_p", fig, step, close=True)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _push_weights(self, trainer: L.Trainer) -> None:

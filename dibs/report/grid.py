@@ -1,4 +1,4 @@
-"""Read a Hydra multirun grid: its runs, declared axes, configurations and TensorBoard curves.
+"""Read a Hydra multirun grid: its runs, declared axes and configurations (curves: ``dibs.report.events``).
 
 A run folder holds ``resolved_config.yaml``, ``.hydra/overrides.yaml`` and TensorBoard event files below it; the
 sweep folder's ``multirun.yaml`` declares the axes (``hydra.sweeper.params`` plus command-line sweeps). Everything
@@ -8,15 +8,14 @@ file, run or key at fault, any grid whose runs differ elsewhere, repeat an axis 
 
 from __future__ import annotations
 
-import math
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import OmegaConf
+
+from dibs.report.events import COST_UNITS, Curve, ReportError, natural_key, read_curve
 
 __all__ = [
     "COST_UNITS",
@@ -32,7 +31,6 @@ __all__ = [
     "read_curve",
 ]
 
-COST_UNITS = ("samples", "tokens", "updates", "wall_s")
 SEED_AXIS = "seed"
 RUN_FILE = "resolved_config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -40,21 +38,6 @@ MULTIRUN_FILE = "multirun.yaml"
 PER_RUN_KEYS = ("run_dir", "ckpt_path")  # differ between runs by nature
 SWEEP_DESCRIPTION = "grid.axes"  # the value lists of the sweep; a second launch may extend them
 _ABSENT = "<absent>"
-_LEVEL = re.compile(r"^val/acc_level_(.+)$")
-
-
-class ReportError(ValueError):
-    """A grid the report refuses to summarise; the message names the file, run or key at fault."""
-
-
-@dataclass
-class Curve:
-    """One run's evaluations, in step order: accuracy, per-level accuracy (NaN where absent) and cumulative costs."""
-
-    steps: np.ndarray
-    acc: np.ndarray
-    levels: dict[str, np.ndarray]
-    cost: dict[str, np.ndarray]
 
 
 @dataclass
@@ -84,7 +67,7 @@ class Grid:
 
     @property
     def seeds(self) -> list[Any]:
-        return sorted({run.seed for run in self.runs}, key=_natural)
+        return sorted({run.seed for run in self.runs}, key=natural_key)
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------------
@@ -110,16 +93,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             flat.update(flatten(value, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: tree}
-
-
-def _natural(value: Any) -> tuple:
-    """Sort numbers numerically before strings, so seeds 2 < 10."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, float(value), "")
-    try:
-        return (0, float(str(value)), "")
-    except ValueError:
-        return (1, 0.0, str(value))
 
 
 def _parser():
@@ -207,77 +180,6 @@ def _sweep_values(override: Any) -> list[Any]:
         return []
 
 
-# ---- TensorBoard -------------------------------------------------------------------------------------------------
-def read_curve(run_dir: Path) -> Curve:
-    """The run's evaluations from every event file below ``run_dir``: ``val/*`` joined with ``cost/*``.
-
-    Each evaluation logs ``val/*`` and ``cost/*`` together at the current optimiser step. A step can hold
-    several evaluations: an iteration without any accepted sample makes no update, so the evaluation after
-    it shares the step of the one before (and has spent more samples); within a step the k-th ``val/acc``
-    pairs with the k-th ``cost/*`` in logging order. A run resumed from a checkpoint logs the re-run
-    evaluation again at the same step and the same sample count: that repeat keeps the latest values.
-    """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = sorted(run_dir.rglob("events.out.tfevents.*"))
-    if not files:
-        raise ReportError(f"run {run_dir}: no TensorBoard event files (events.out.tfevents.*) below it")
-    series: dict[str, dict[int, list[tuple[float, int, float]]]] = {}  # tag -> step -> [(wall_time, order, value)]
-    order = 0
-    for folder in sorted({f.parent for f in files}):
-        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0}, purge_orphaned_data=False)
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            if not (tag.startswith("val/") or tag.startswith("cost/")):
-                continue
-            by_step = series.setdefault(tag, {})
-            for event in acc.Scalars(tag):
-                order += 1
-                by_step.setdefault(event.step, []).append((event.wall_time, order, float(event.value)))
-    needed = ["val/acc", *(f"cost/{unit}" for unit in COST_UNITS)]
-    missing = [tag for tag in needed if tag not in series]
-    if missing:
-        raise ReportError(
-            f"run {run_dir}: its event files ({', '.join(str(f.relative_to(run_dir)) for f in files)}) lack the "
-            f"scalar(s) {', '.join(missing)}; the report needs val/acc and cost/{{{','.join(COST_UNITS)}}}"
-        )
-    for by_step in series.values():
-        for entries in by_step.values():
-            entries.sort()
-    points: list[tuple[int, int]] = []  # (step, index of the evaluation within the step)
-    for step in sorted(series["val/acc"]):
-        for index in range(len(series["val/acc"][step])):
-            for tag in needed[1:]:
-                if len(series[tag].get(step, [])) <= index:
-                    raise ReportError(f"run {run_dir}: scalar {tag} is missing at evaluation step {step}")
-            same = points and points[-1][0] == step
-            if same and series["cost/samples"][step][index][2] == series["cost/samples"][step][points[-1][1]][2]:
-                points[-1] = (step, index)  # a resumed run's repeat of the same evaluation: the latest wins
-            else:
-                points.append((step, index))
-
-    def column(tag: str) -> np.ndarray:
-        by_step = series.get(tag, {})
-        return np.array(
-            [by_step[s][i][2] if len(by_step.get(s, [])) > i else math.nan for s, i in points], dtype=np.float64
-        )
-
-    levels = {m.group(1): column(tag) for tag in series if (m := _LEVEL.match(tag))}
-    first = {unit: column(f"cost/{unit}")[0] for unit in ("samples", "updates")}
-    if any(v != 0 for v in first.values()):
-        raise ReportError(
-            f"run {run_dir}: its first evaluation is at {first['samples']:.0f} samples and {first['updates']:.0f} "
-            "updates, not the initial policy π0 (0 and 0): its start is missing (a run resumed into a new folder?); "
-            "the report needs each run's whole history"
-        )
-    return Curve(
-        steps=np.array([s for s, _ in points], dtype=np.int64),
-        acc=column("val/acc"),
-        levels=dict(sorted(levels.items(), key=lambda kv: _natural(kv[0]))),
-        cost={unit: column(f"cost/{unit}") for unit in COST_UNITS},
-    )
-
-
 # ---- the grid ----------------------------------------------------------------------------------------------------
 def _comparable(run: Run) -> dict[str, Any]:
     """The run's flat config with per-run keys dropped and its own run_dir written as ``${run_dir}``."""
@@ -339,7 +241,7 @@ def _order_key(values: dict[str, Any], axes: list[str], declared: dict[str, list
     for axis in axes:
         text = format_value(values[axis])
         known = declared.get(axis, [])
-        key.append((0, known.index(text), (0, 0.0, "")) if text in known else (1, 0, _natural(values[axis])))
+        key.append((0, known.index(text), (0, 0.0, "")) if text in known else (1, 0, natural_key(values[axis])))
     return tuple(key)
 
 
@@ -391,7 +293,7 @@ def load_grid(grid_dir: str | Path, axes: list[str] | None = None) -> Grid:
     for run in runs:
         run.curve = read_curve(run.path)
 
-    ordered = sorted(runs, key=lambda r: (_order_key(r.axis_values, config_axes, declared), _natural(r.seed)))
+    ordered = sorted(runs, key=lambda r: (_order_key(r.axis_values, config_axes, declared), natural_key(r.seed)))
     by_config: dict[str, list[Run]] = {}
     for run in ordered:
         by_config.setdefault(run.label, []).append(run)

@@ -23,27 +23,11 @@ def batch(vocab: int, pad_id: int, seed: int = 0):
     return ids, attention, response
 
 
-def model_for(tokenizer, tied: bool):
-    from dibs.modeling import build_tiny_qwen2
-
-    torch.manual_seed(0)
-    return build_tiny_qwen2(
-        tokenizer,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=tied,
-        seed=0,
-    ).float()
-
-
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("param", ["embed_tokens", "lm_head"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_fast_paths_equal_the_per_sample_autograd_loop(tokenizer, tied, param, reduction):
-    model = model_for(tokenizer, tied)
+def test_fast_paths_equal_the_per_sample_autograd_loop(tokenizer, tiny_model_factory, tied, param, reduction):
+    model = tiny_model_factory(tied).float()
     ids, attention, response = batch(len(tokenizer), tokenizer.pad_token_id)
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
     assert (embed.data_ptr() == head.data_ptr()) == tied
@@ -67,9 +51,9 @@ def test_fast_paths_equal_the_per_sample_autograd_loop(tokenizer, tied, param, r
     torch.testing.assert_close(fast, oracle, rtol=1e-4, atol=0)
 
 
-def test_tied_norm_differs_from_either_part_alone(tokenizer):
+def test_tied_norm_differs_from_either_part_alone(tokenizer, tiny_model_factory):
     # on a tied model the measured G counts the input-table and the output-projection gradients together
-    tied = model_for(tokenizer, True)
+    tied = tiny_model_factory(True).float()
     ids, attention, response = batch(len(tokenizer), tokenizer.pad_token_id, seed=1)
     embed = tied.model.embed_tokens.weight
 

@@ -1,0 +1,111 @@
+"""A run's evaluations from its TensorBoard event files (read with TensorBoard's own reader), and the error
+type of the report package, which every other module of it imports from here."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["COST_UNITS", "Curve", "ReportError", "natural_key", "read_curve"]
+
+COST_UNITS = ("samples", "tokens", "updates", "wall_s")
+_LEVEL = re.compile(r"^val/acc_level_(.+)$")
+
+
+class ReportError(ValueError):
+    """A grid the report refuses to summarise; the message names the file, run or key at fault."""
+
+
+@dataclass
+class Curve:
+    """One run's evaluations, in step order: accuracy, per-level accuracy (NaN where absent) and cumulative costs."""
+
+    steps: np.ndarray
+    acc: np.ndarray
+    levels: dict[str, np.ndarray]
+    cost: dict[str, np.ndarray]
+
+
+def natural_key(value: Any) -> tuple:
+    """Sort numbers numerically before strings, so seeds 2 < 10."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    try:
+        return (0, float(str(value)), "")
+    except ValueError:
+        return (1, 0.0, str(value))
+
+
+def read_curve(run_dir: Path) -> Curve:
+    """The run's evaluations from every event file below ``run_dir``: ``val/*`` joined with ``cost/*``.
+
+    Each evaluation logs ``val/*`` and ``cost/*`` together at the current optimiser step. A step can hold
+    several evaluations: an iteration without any accepted sample makes no update, so the evaluation after
+    it shares the step of the one before (and has spent more samples); within a step the k-th ``val/acc``
+    pairs with the k-th ``cost/*`` in logging order. A run resumed from a checkpoint logs the re-run
+    evaluation again at the same step and the same sample count: that repeat keeps the latest values.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(run_dir.rglob("events.out.tfevents.*"))
+    if not files:
+        raise ReportError(f"run {run_dir}: no TensorBoard event files (events.out.tfevents.*) below it")
+    series: dict[str, dict[int, list[tuple[float, int, float]]]] = {}  # tag -> step -> [(wall_time, order, value)]
+    order = 0
+    for folder in sorted({f.parent for f in files}):
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            if not (tag.startswith("val/") or tag.startswith("cost/")):
+                continue
+            by_step = series.setdefault(tag, {})
+            for event in acc.Scalars(tag):
+                order += 1
+                by_step.setdefault(event.step, []).append((event.wall_time, order, float(event.value)))
+    needed = ["val/acc", *(f"cost/{unit}" for unit in COST_UNITS)]
+    missing = [tag for tag in needed if tag not in series]
+    if missing:
+        raise ReportError(
+            f"run {run_dir}: its event files ({', '.join(str(f.relative_to(run_dir)) for f in files)}) lack the "
+            f"scalar(s) {', '.join(missing)}; the report needs val/acc and cost/{{{','.join(COST_UNITS)}}}"
+        )
+    for by_step in series.values():
+        for entries in by_step.values():
+            entries.sort()
+    points: list[tuple[int, int]] = []  # (step, index of the evaluation within the step)
+    for step in sorted(series["val/acc"]):
+        for index in range(len(series["val/acc"][step])):
+            for tag in needed[1:]:
+                if len(series[tag].get(step, [])) <= index:
+                    raise ReportError(f"run {run_dir}: scalar {tag} is missing at evaluation step {step}")
+            same = points and points[-1][0] == step
+            if same and series["cost/samples"][step][index][2] == series["cost/samples"][step][points[-1][1]][2]:
+                points[-1] = (step, index)  # a resumed run's repeat of the same evaluation: the latest wins
+            else:
+                points.append((step, index))
+
+    def column(tag: str) -> np.ndarray:
+        by_step = series.get(tag, {})
+        return np.array(
+            [by_step[s][i][2] if len(by_step.get(s, [])) > i else math.nan for s, i in points], dtype=np.float64
+        )
+
+    levels = {m.group(1): column(tag) for tag in series if (m := _LEVEL.match(tag))}
+    first = {unit: column(f"cost/{unit}")[0] for unit in ("samples", "updates")}
+    if any(v != 0 for v in first.values()):
+        raise ReportError(
+            f"run {run_dir}: its first evaluation is at {first['samples']:.0f} samples and {first['updates']:.0f} "
+            "updates, not the initial policy π0 (0 and 0): its start is missing (a run resumed into a new folder?); "
+            "the report needs each run's whole history"
+        )
+    return Curve(
+        steps=np.array([s for s, _ in points], dtype=np.int64),
+        acc=column("val/acc"),
+        levels=dict(sorted(levels.items(), key=lambda kv: natural_key(kv[0]))),
+        cost={unit: column(f"cost/{unit}") for unit in COST_UNITS},
+    )
