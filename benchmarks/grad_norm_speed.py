@@ -1,10 +1,21 @@
-"""Time per accepted sample of GVM's gradient-norm estimate (G_i): the reference's loop against the kit's path.
+"""Time per accepted sample of GVM's gradient-norm estimate (G_i): the reference's loop against the kit's paths.
 
 The reference runs a batch-1 forward and ``autograd.grad`` w.r.t. the chosen tensor for each accepted sample
-(``dibs.core.grad_norms.reference_grad_norms``); the kit runs one batched forward (and, for embed_tokens, one
-batched backward to the inputs) per chunk (``grad_norms``). Same model, same samples; the results are
-checked equal to 1e-4 relative before timing is reported. Samples are random token rows shaped like the
-embedded task's (prompt ~30 tokens, response ~40).
+(``dibs.core.grad_norms.reference_grad_norms``). The kit has two paths:
+
+- batched: one batched forward (and, for embed_tokens, one batched backward to the inputs) per chunk of
+  samples on the training policy (``grad_norms``), what runs for embed_tokens or with a backend that cannot
+  measure (``allocation.grad_in_generator=false``);
+- in the log-prob pass: the kit's default (``grad_param=lm_head``) with the HF backend; the generator's
+  teacher-forced log-prob pass, which runs for every sample anyway, catches the output projection's input
+  with a hook and adds the closed form (a Gram product). Its cost is that added work: the closed form on the
+  pass's hidden states and logits (``head_grad_norms``), timed by itself, per sample; the log-prob pass
+  itself is not counted, as it runs whether or not G_i is measured.
+
+Same model, same samples; every path is checked equal to the reference to 1e-4 relative before timing is
+reported. Samples are random token rows shaped like the embedded task's (prompt ~30 tokens, response ~40),
+all counted as accepted. With tied embeddings (the default model), lm_head is the shared tensor's
+output-projection part, and the reference differentiates an untied copy of the same weights.
 
     python benchmarks/grad_norm_speed.py                        # the default model and a 4x larger one
     python benchmarks/grad_norm_speed.py --samples 128 --untied
@@ -19,7 +30,8 @@ import time
 import torch
 
 from dibs.core.batching import pad_right
-from dibs.core.grad_norms import grad_norms, reference_grad_norms
+from dibs.core.grad_norms import grad_norms, head_grad_norms, reference_grad_norms
+from dibs.rollout.hf import HFGenerator
 
 
 def rows(count: int, vocab: int, seed: int = 0):
@@ -51,7 +63,7 @@ def main() -> None:
     print(
         f"{args.samples} samples, {'untied' if args.untied else 'tied'} embeddings, {torch.get_num_threads()} threads"
     )
-    print(f"{'model':>24} {'param':>13} {'reference ms/sample':>20} {'kit ms/sample':>14} {'speed-up':>9}")
+    print(f"{'model':>24} {'param':>13} {'path':>22} {'reference ms/sample':>20} {'kit ms/sample':>14} {'speed-up':>9}")
     for hidden, layers, inter in ((64, 2, 256), (256, 4, 1024)):
         model = build_tiny_qwen2(
             tokenizer,
@@ -62,24 +74,44 @@ def main() -> None:
         ).float()
         params = sum(p.numel() for p in model.parameters())
         batch = rows(args.samples, len(tokenizer))
+        label = f"h{hidden} L{layers} ({params / 1e6:.2f}M)"
+        generator = HFGenerator(model, tokenizer, token_budget=1 << 20)
         for param in ("embed_tokens", "lm_head"):
-            times = measure(model, param, batch, args.repeats)
-            label = f"h{hidden} L{layers} ({params / 1e6:.2f}M)"
-            speed = times["reference"] / times["kit"]
-            print(f"{label:>24} {param:>13} {times['reference']:>20.2f} {times['kit']:>14.2f} {speed:>8.1f}x")
+            times = measure(model, generator, param, batch, args.repeats)
+            for path in ("batched", "in the log-prob pass"):
+                if path in times:
+                    mark = " (default)" if param == "lm_head" and path != "batched" else ""
+                    speed = times["reference"] / times[path]
+                    print(
+                        f"{label:>24} {param:>13} {path + mark:>22} {times['reference']:>20.2f} "
+                        f"{times[path]:>14.3f} {speed:>8.1f}x"
+                    )
 
 
-def measure(model, param: str, batch, repeats: int) -> dict[str, float]:
-    """Milliseconds per sample, best of ``repeats``, after checking both ways agree."""
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(model, generator, param: str, batch, repeats: int) -> dict[str, float]:
+    """Milliseconds per sample, best of ``repeats``, after checking every path against the reference."""
     ids, attention, response = batch
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
     tensor = embed if param == "embed_tokens" else head
+    if param == "lm_head" and head is embed:  # the output-projection part: an untied copy's lm_head
+        tensor = head.detach().clone().requires_grad_(True)
 
     def hidden_fn(e, m):
         return model.model(inputs_embeds=e, attention_mask=m).last_hidden_state
 
     def logits_fn(x, m):
-        return model(input_ids=x, attention_mask=m).logits
+        if tensor is embed or tensor is head:
+            return model(input_ids=x, attention_mask=m).logits
+        return hidden_fn(embed.detach()[x], m) @ tensor.T  # the untied copy's output projection
 
     def ref():
         return reference_grad_norms(logits_fn, tensor, ids, attention, response)
@@ -88,16 +120,29 @@ def measure(model, param: str, batch, repeats: int) -> dict[str, float]:
         pad = model.model.embed_tokens.padding_idx
         return grad_norms(hidden_fn, embed, head, ids, attention, response, param=param, padding_idx=pad)
 
-    torch.testing.assert_close(kit(), ref(), rtol=1e-4, atol=0)
-    times = {}
-    for name, fn in (("reference", ref), ("kit", kit)):
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        times[name] = 1000 * best / len(ids)
-    return times
+    lengths = attention.sum(1)
+    starts = lengths - response.sum(1)
+    prompts = [ids[b, : int(starts[b])] for b in range(len(ids))]
+    responses = [ids[b, int(starts[b]) : int(lengths[b])] for b in range(len(ids))]
+
+    def logprob_pass(norms: bool):
+        return generator._logprobs(prompts, responses, 1.0, norms)
+
+    caught = {}
+    hook = generator.model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: caught.update(hidden=args[0], logits=out)
+    )
+    logprob_pass(False)
+    hook.remove()
+
+    oracle = ref()
+    torch.testing.assert_close(kit(), oracle, rtol=1e-4, atol=0)
+    times = {"reference": best_of(ref, repeats), "batched": best_of(kit, repeats)}
+    if param == "lm_head":
+        torch.testing.assert_close(torch.tensor(logprob_pass(True)[1]), oracle, rtol=1e-4, atol=0)
+        added = best_of(lambda: head_grad_norms(caught["hidden"], caught["logits"], ids, response), repeats)
+        times["in the log-prob pass"] = added
+    return {k: 1000 * v / len(ids) for k, v in times.items()}
 
 
 if __name__ == "__main__":

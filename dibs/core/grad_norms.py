@@ -15,6 +15,13 @@ paths here need one batched forward (and, for the input embedding, one batched b
   the gradient of the shared tensor is the sum of both parts, and ‖A + B‖² = ‖A‖² + ‖B‖² + 2⟨A, B⟩ with
   ⟨A, B⟩ = Σ_{t,s} E[s, x_t] ⟨g_t, h_s⟩. This is what the reference measures on a tied model, where
   ``named_parameters()`` lists the shared tensor once, as ``embed_tokens``.
+- ``lm_head`` with tied embeddings: the gradient of the shared tensor in its role as the output projection
+  only (the term B above), i.e. what ``lm_head`` measures on the untied model with the same weights. It
+  needs no backward on either kind of model.
+
+:func:`head_grad_norms` is the ``lm_head`` closed form from a forward pass that already ran (hidden states
+and logits at hand): the generation backend's teacher-forced log-prob pass uses it, so measuring G_i w.r.t.
+``lm_head`` costs a Gram product per sample and no forward of its own.
 
 ``hidden_fn(inputs_embeds, attention_mask) -> [B, L, H]`` is the model body up to the final norm; the
 output projection is ``hidden @ head_weight.T`` (no bias, as in Qwen2 and Llama). Temperature 1, as the
@@ -27,7 +34,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["PARAMS", "grad_norms", "reference_grad_norms"]
+__all__ = ["PARAMS", "grad_norms", "head_grad_norms", "reference_grad_norms"]
 
 PARAMS = ("embed_tokens", "lm_head")
 HiddenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,11 +47,29 @@ def _targets(input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torc
 
 def _output_errors(hidden: torch.Tensor, head_weight: torch.Tensor, target: torch.Tensor, keep: torch.Tensor):
     """E = (softmax(H Wᵀ) − onehot(y)) and H, zeroed where ``keep`` is 0; [B, T, V] and [B, T, H], float32."""
+    return _errors_from_logits(hidden, hidden.float() @ head_weight.float().T, target, keep)
+
+
+def _errors_from_logits(hidden: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor):
     keep = keep.to(torch.float32).unsqueeze(-1)
     h = hidden.float() * keep
-    e = torch.softmax(hidden.float() @ head_weight.float().T, dim=-1)
+    e = torch.softmax(logits.float(), dim=-1)
     e = e.scatter_add(-1, target.unsqueeze(-1), -torch.ones_like(target, dtype=e.dtype).unsqueeze(-1)) * keep
     return e, h
+
+
+def _compact(keep: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Only the kept (response) positions, moved to the front of each row: [B, T] → [B, T_kept_max].
+
+    The output-projection closed form never needs a prompt position, so its softmax and Gram products
+    run over the response tokens alone."""
+    width = max(int(keep.sum(dim=1).max()), 1)
+    idx = torch.argsort((keep <= 0).to(torch.int8), dim=1, stable=True)[:, :width]  # kept positions first
+
+    def pick(t: torch.Tensor) -> torch.Tensor:  # [B, T] or [B, T, D]
+        return t.gather(1, idx) if t.dim() == 2 else t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+    return [pick(keep), *(pick(t) for t in tensors)]
 
 
 def _gram_sq(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -55,8 +80,35 @@ def _gram_sq(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _lm_head_norms(hidden, head_weight, input_ids, response_mask) -> torch.Tensor:
     target, keep = _targets(input_ids, response_mask)
-    e, h = _output_errors(hidden[:, :-1], head_weight, target, keep)
+    keep, target, hidden = _compact(keep, target, hidden[:, :-1])
+    e, h = _output_errors(hidden, head_weight, target, keep)
     return _gram_sq(e, h).clamp(min=0).sqrt()
+
+
+@torch.no_grad()
+def head_grad_norms(
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """[B] norms of the ``lm_head`` gradient from a forward that already ran, no parameter needed.
+
+    ``hidden`` [B, L, H] is the output projection's input (the final normed hidden state), ``logits``
+    [B, L, V] its output at temperature 1; rows are prompt + response, right-padded, ``response_mask`` as in
+    :func:`grad_norms`.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction={reduction!r} is not 'sum' or 'mean'")
+    target, keep = _targets(input_ids, response_mask)
+    keep, target, hidden, logits = _compact(keep, target, hidden[:, :-1], logits[:, :-1])
+    e, h = _errors_from_logits(hidden, logits, target, keep)
+    norms = _gram_sq(e, h).clamp(min=0).sqrt()
+    if reduction == "mean":
+        norms = norms / keep.sum(dim=1).clamp(min=1)
+    return norms
 
 
 def grad_norms(
@@ -83,7 +135,7 @@ def grad_norms(
         raise ValueError(f"reduction={reduction!r} is not 'sum' or 'mean'")
     tied = embed_weight.data_ptr() == head_weight.data_ptr()
     embeds = embed_weight.detach()[input_ids]  # [B, L, H]
-    if param == "lm_head" and not tied:
+    if param == "lm_head":  # tied or not: the output projection's part, in closed form
         with torch.no_grad():
             norms = _lm_head_norms(hidden_fn(embeds, attention_mask), head_weight, input_ids, response_mask)
     else:

@@ -254,6 +254,7 @@ class GVMAllocator:
     # how the E-step measures and uses the pilot (read by the rollout callback, not by the allocation math)
     grad_param: str = "embed_tokens"  # the tensor G_i is measured on: embed_tokens | lm_head | none (G_i = 1)
     grad_reduction: str = "sum"  # −Σ_t log π (the reference) or the per-token mean
+    grad_in_generator: bool = True  # lm_head's G_i from the generator's log-prob pass, where the backend can
     reuse_pilot: bool = True  # the pilot samples count towards n_i (the reference discards them)
     refresh_every: int = 1  # pilot every prompt every k iterations; in between, only prompts never estimated
     online: bool = False  # no pilot for prompts estimated before: p_i, G_i from their last training samples

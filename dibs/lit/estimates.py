@@ -1,14 +1,17 @@
 """Pilot statistics for GVM: acceptance rates p_i and gradient norms G_i of the training policy.
 
-G_i is measured on the training policy (not the generator's copy), with the fast paths of
-``dibs.core.grad_norms``, on the accepted pilot samples of this rank's prompts, in chunks of at most
-``token_budget`` tokens. Under FSDP2 the forward passes are collectives, so every rank runs the same number
-of chunks (ranks with fewer accepted samples run small padding chunks whose result is discarded) and the
-embedding and output tables are gathered in full once.
+G_i w.r.t. ``lm_head`` (the default) comes from the generator's own log-prob pass when the backend offers it
+(``Completion.head_grad_norm``; the generator holds the policy's current weights), so no forward runs here.
+Otherwise G_i is measured on the training policy with the fast paths of ``dibs.core.grad_norms``, on the
+accepted pilot samples of this rank's prompts, in chunks of at most ``token_budget`` tokens. Under FSDP2
+the forward passes are collectives, so every rank runs the same number of chunks (ranks with fewer accepted
+samples run small padding chunks whose result is discarded) and the embedding and output tables are
+gathered in full once.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import lightning as L
@@ -97,9 +100,22 @@ class PilotStats:
     """The E-step's p_i and G_i: measured from pilot samples, and kept per train prompt (identical on every
     rank) so that ``refresh_every`` and the online mode can reuse them for prompts met before."""
 
-    def __init__(self, allocator: Any, grad_token_budget: int) -> None:
+    def __init__(self, allocator: Any, grad_token_budget: int, generator: Any = None) -> None:
         self.allocator, self.grad_token_budget = allocator, grad_token_budget
         self.store: dict[int, tuple[float, float, float]] = {}  # train prompt -> (p, G, samples) last seen
+        self.grad_s = 0.0  # seconds spent on G_i outside generation, reset by the E-step
+        # G_i w.r.t. lm_head straight from the generator's log-prob pass (no forward here), where it can;
+        # the same on every rank, as it depends on the configuration and the backend only
+        self.from_generator = (
+            getattr(allocator, "grad_param", None) == "lm_head"
+            and getattr(allocator, "grad_in_generator", False)
+            and getattr(generator, "measures_head_grad_norms", False)
+        )
+
+    def generate_kwargs(self, stage: str) -> dict[str, bool]:
+        """Extra arguments for the generator: the pilot (and, in online mode, stage 2) asks for G_i."""
+        wanted = stage == "pilot" or getattr(self.allocator, "online", False)
+        return {"head_grad_norms": True} if self.from_generator and wanted else {}
 
     def state(self) -> dict[str, list]:
         return {"index": list(self.store), "values": [list(v) for v in self.store.values()]}
@@ -147,21 +163,28 @@ class PilotStats:
         if param == "none":  # GVM without G_i: 1/sqrt(p + α/p^(β−1)) weights only (G_i = 1 where solved)
             g_local = (p_local > 0).astype(np.float64)
         else:
-            rows, owner = [], []
+            rows, owner, accepted = [], [], []
             for j, (group, rewards) in enumerate(zip(pilot, pilot_rewards)):
                 for c, r in zip(group, rewards):
                     if r > 0.5:
                         rows.append((torch.as_tensor(dm.train_prompts[indices[j]]), torch.as_tensor(c.token_ids)))
                         owner.append(j)
-            norms = policy_grad_norms(
-                trainer,
-                trainer.lightning_module.policy,
-                rows,
-                param=param,
-                reduction=getattr(self.allocator, "grad_reduction", "sum"),
-                token_budget=self.grad_token_budget,
-                pad_id=dm.pad_id,
-            )
+                        accepted.append(c)
+            reduction = getattr(self.allocator, "grad_reduction", "sum")
+            if self.from_generator:
+                norms = np.array([_generator_norm(c, reduction) for c in accepted], dtype=np.float64)
+            else:
+                started = time.perf_counter()
+                norms = policy_grad_norms(
+                    trainer,
+                    trainer.lightning_module.policy,
+                    rows,
+                    param=param,
+                    reduction=reduction,
+                    token_budget=self.grad_token_budget,
+                    pad_id=dm.pad_id,
+                )
+                self.grad_s += time.perf_counter() - started
             sums = np.bincount(owner, weights=norms, minlength=len(indices)) if owner else np.zeros(len(indices))
             counts = np.bincount(owner, minlength=len(indices)) if owner else np.zeros(len(indices))
             g_local = np.divide(sums, counts, out=np.zeros(len(indices)), where=counts > 0)
@@ -170,3 +193,12 @@ class PilotStats:
             grad_norm=to_global(trainer, g_local, num_prompts),
             samples=to_global(trainer, m_local, num_prompts),
         )
+
+
+def _generator_norm(completion: Any, reduction: str) -> float:
+    if completion.head_grad_norm is None:
+        raise RuntimeError(
+            "the generator returned a sample without head_grad_norm although it was asked for one; "
+            "set allocation.grad_in_generator=false to measure G_i on the training policy"
+        )
+    return completion.head_grad_norm / (max(len(completion.token_ids), 1) if reduction == "mean" else 1)

@@ -70,7 +70,9 @@ class RolloutCallback(L.Callback):
         # Cumulative, all ranks: generated samples and response tokens, accepted samples, and the seconds this
         # rank spent in E-steps and M-steps (evaluation, exports and checkpoints excluded).
         self.totals = {"samples": 0, "tokens": 0, "accepted": 0, "wall_s": 0.0}
-        self.pilot = PilotStats(allocator, grad_token_budget)  # p_i, G_i measurement and the per-prompt store
+        self.pilot = PilotStats(
+            allocator, grad_token_budget, generator
+        )  # p_i, G_i measurement and the per-prompt store
         self.evals: list[EvalResult] = []
         self._train_started = 0.0
         self._pushed_at = -1  # global step of the weights the generator holds
@@ -155,13 +157,16 @@ class RolloutCallback(L.Callback):
         torch.manual_seed(self.seed * 1_000_003 + iteration * 1_009 + rank)
         started = time.perf_counter()
         pilot_n = self.allocator.pilot_samples
+        self.pilot.grad_s = 0.0
         pilot: list[list[Completion]] = [[] for _ in indices]
         pilot_rewards: list[list[float]] = [[] for _ in indices]
         pilot_status: list[list[str]] = [[] for _ in indices]
         stats = None
         if pilot_n > 0:  # stage 1: N' samples per prompt → p_i, G_i → one global allocation
             need = self.pilot.needs_pilot(iteration, indices)
-            pilot = self.generator.generate(prompts, [pilot_n if x else 0 for x in need], self.sampling)
+            pilot = self.generator.generate(
+                prompts, [pilot_n if x else 0 for x in need], self.sampling, **self.pilot.generate_kwargs("pilot")
+            )
             scored = self.verifier.score(
                 [c.text for g in pilot for c in g], [a for a, g in zip(answers, pilot) for _ in g]
             )
@@ -179,7 +184,11 @@ class RolloutCallback(L.Callback):
         reuse = pilot_n > 0 and getattr(self.allocator, "reuse_pilot", False)
         kept = [min(int(n), len(g)) if reuse else 0 for n, g in zip(n_local, pilot)]  # pilot samples within n_i
         fresh = [int(n) - k for n, k in zip(n_local, kept)]
-        stage2 = self.generator.generate(prompts, fresh, self.sampling) if sum(fresh) else [[] for _ in prompts]
+        stage2 = (
+            self.generator.generate(prompts, fresh, self.sampling, **self.pilot.generate_kwargs("stage2"))
+            if sum(fresh)
+            else [[] for _ in prompts]
+        )
         generated = time.perf_counter()
         scored2 = self.verifier.score(
             [c.text for g in stage2 for c in g], [a for a, g in zip(answers, stage2) for _ in g]
@@ -264,6 +273,7 @@ class RolloutCallback(L.Callback):
             "stage2/tokens_cum": self.totals["tokens"] - self.totals["pilot_tokens"],
             "time/generation_s": generated - started,
             "time/verification_s": verified - generated,
+            "time/grad_norms_s": self.pilot.grad_s,  # G_i outside generation (pilot and online updates)
             "iteration": iteration,
         }
         metrics.update({f"reward/{s}": int(v) for s, v in zip(STATUSES, total[4:])})

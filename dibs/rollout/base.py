@@ -42,13 +42,19 @@ class Completion:
     logprobs: torch.Tensor  # [T] float32, log π(token | prefix) under the sampling temperature
     text: str  # decoded without special tokens
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    # ‖∂(−Σ_t log π(y_t | x, y_<t))/∂W_out‖ at temperature 1 (GVM's G w.r.t. lm_head, sum over the response),
+    # measured in the backend's own forward when asked for and supported; None otherwise
+    head_grad_norm: float | None = None
 
 
 class Generator(Protocol):
     def generate(
         self, prompts: Sequence[Sequence[int]], n_per_prompt: Sequence[int], sampling: SamplingParams
     ) -> list[list[Completion]]:
-        """``n_per_prompt[i]`` completions for ``prompts[i]``; prompts with n = 0 get an empty list."""
+        """``n_per_prompt[i]`` completions for ``prompts[i]``; prompts with n = 0 get an empty list.
+
+        A backend that sets ``measures_head_grad_norms = True`` also accepts ``head_grad_norms=True`` and
+        then fills ``Completion.head_grad_norm`` (GVM's G_i w.r.t. lm_head without a forward of its own)."""
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...

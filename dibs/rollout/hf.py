@@ -4,7 +4,9 @@ Every prompt is repeated n_i times as separate rows (so prompts may get differen
 rows are sorted by prompt length and cut into chunks of at most ``token_budget`` padded tokens, and each
 chunk is one left-padded ``model.generate`` call. Per-token log-probs come from one teacher-forced pass
 over the finished sequences (right-padded, the layout the trainer uses), which costs far less memory than
-keeping [rows, steps, vocab] scores during generation.
+keeping [rows, steps, vocab] scores during generation. Asked for ``head_grad_norms``, the same pass also
+gives each sample's output-projection gradient norm in closed form (GVM's G_i w.r.t. lm_head): the output
+projection's input is caught by a forward hook, so no second forward runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dibs.core.batching import chunk_by_tokens, pad_left, pad_right
+from dibs.core.grad_norms import head_grad_norms as closed_form_head_norms
 from dibs.core.logprobs import sequence_logprobs
 from dibs.rollout.base import Completion, SamplingParams
 
@@ -24,6 +27,8 @@ __all__ = ["HFGenerator"]
 
 class HFGenerator:
     """Owns its own copy of the policy; the trainer pushes fresh weights with ``load_weights``."""
+
+    measures_head_grad_norms = True
 
     def __init__(
         self,
@@ -69,7 +74,12 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(
-        self, prompts: Sequence[Sequence[int]], n_per_prompt: Sequence[int], sampling: SamplingParams
+        self,
+        prompts: Sequence[Sequence[int]],
+        n_per_prompt: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        head_grad_norms: bool = False,
     ) -> list[list[Completion]]:
         if len(prompts) != len(n_per_prompt):
             raise ValueError(f"{len(prompts)} prompts but {len(n_per_prompt)} sample counts")
@@ -80,12 +90,14 @@ class HFGenerator:
         chunks = chunk_by_tokens([len(prompts[i]) for i in rows], sampling.max_new_tokens, self.token_budget)
         for chunk in self._progress(chunks, total_rows=len(rows)):
             members = [rows[j] for j in chunk]
-            for index, completion in zip(members, self._generate_chunk(prompt_tensors, members, sampling)):
+            for index, completion in zip(
+                members, self._generate_chunk(prompt_tensors, members, sampling, head_grad_norms)
+            ):
                 results[index].append(completion)
         return results
 
     def _generate_chunk(
-        self, prompts: list[torch.Tensor], members: list[int], sampling: SamplingParams
+        self, prompts: list[torch.Tensor], members: list[int], sampling: SamplingParams, head_grad_norms: bool
     ) -> list[Completion]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         ids, mask = pad_left([prompts[i] for i in members], pad)
@@ -101,21 +113,43 @@ class HFGenerator:
             eos_token_id=eos,
         ).cpu()  # [R, Lp + T]
         responses = [_cut_at_eos(row, eos) for row in out[:, ids.shape[1] :]]
-        logprobs = self._logprobs([prompts[i] for i in members], responses, sampling.temperature)
+        chosen = [prompts[i] for i in members]
+        logprobs, norms = self._logprobs(chosen, responses, sampling.temperature, head_grad_norms)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return [
-            Completion(r, lp, t, "stop" if len(r) and r[-1] == eos else "length")
-            for r, lp, t in zip(responses, logprobs, texts)
+            Completion(r, lp, t, "stop" if len(r) and r[-1] == eos else "length", g)
+            for r, lp, t, g in zip(responses, logprobs, texts, norms)
         ]
 
     def _logprobs(
-        self, prompts: list[torch.Tensor], responses: list[torch.Tensor], temperature: float
-    ) -> list[torch.Tensor]:
+        self, prompts: list[torch.Tensor], responses: list[torch.Tensor], temperature: float, head_grad_norms: bool
+    ) -> tuple[list[torch.Tensor], list[float | None]]:
         seqs = [torch.cat([p, r]) for p, r in zip(prompts, responses)]
         ids, mask = pad_right(seqs, self.tokenizer.pad_token_id)
-        logp = sequence_logprobs(self._forward, ids.to(self.device), mask.to(self.device), temperature)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        caught: dict[str, torch.Tensor] = {}
+
+        def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            caught["logits"] = self._forward(input_ids, attention_mask)
+            return caught["logits"]
+
+        head = self.model.get_output_embeddings()
+        hook = (
+            head.register_forward_hook(lambda m, args, out: caught.update(hidden=args[0])) if head_grad_norms else None
+        )
+        try:
+            logp = sequence_logprobs(forward, ids, mask, temperature)
+        finally:
+            if hook is not None:
+                hook.remove()
         logp = logp.cpu()  # [R, L-1]; token j of a response sits at column len(prompt) - 1 + j
-        return [logp[k, len(p) - 1 : len(p) - 1 + len(r)] for k, (p, r) in enumerate(zip(prompts, responses))]
+        norms: list[float | None] = [None] * len(seqs)
+        if head_grad_norms:
+            response = torch.zeros_like(ids, dtype=torch.float32)
+            for k, (p, r) in enumerate(zip(prompts, responses)):
+                response[k, len(p) : len(p) + len(r)] = 1.0
+            norms = closed_form_head_norms(caught["hidden"], caught["logits"], ids, response).tolist()
+        return [logp[k, len(p) - 1 : len(p) - 1 + len(r)] for k, (p, r) in enumerate(zip(prompts, responses))], norms
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

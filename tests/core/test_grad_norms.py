@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dibs.core.batching import pad_right
-from dibs.core.grad_norms import grad_norms, reference_grad_norms
+from dibs.core.grad_norms import grad_norms, head_grad_norms, reference_grad_norms
 
 
 def batch(vocab: int, pad_id: int, seed: int = 0):
@@ -38,10 +38,16 @@ def test_fast_paths_equal_the_per_sample_autograd_loop(tokenizer, tiny_model_fac
     def logits_fn(x, mask):
         return model(input_ids=x, attention_mask=mask).logits
 
-    # the reference differentiates w.r.t. the named tensor; on a tied model both names are the one tensor
-    oracle = reference_grad_norms(
-        logits_fn, embed if param == "embed_tokens" else head, ids, attention, response, reduction=reduction
-    )
+    # the reference differentiates w.r.t. the named tensor; on a tied model both names are the one tensor,
+    # and the kit's lm_head is its output-projection use: the lm_head of an untied copy with the same weights
+    target = embed if param == "embed_tokens" else head
+    if tied and param == "lm_head":
+        target = head.detach().clone().requires_grad_(True)
+
+        def logits_fn(x, mask):  # noqa: F811 - the untied copy's logits
+            return model.model(input_ids=x, attention_mask=mask).last_hidden_state @ target.T
+
+    oracle = reference_grad_norms(logits_fn, target, ids, attention, response, reduction=reduction)
     pad = model.model.embed_tokens.padding_idx
     assert pad == tokenizer.pad_token_id
     fast = grad_norms(
@@ -61,8 +67,26 @@ def test_tied_norm_differs_from_either_part_alone(tokenizer, tiny_model_factory)
         return tied.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
     both = grad_norms(hidden_fn, embed, embed, ids, attention, response, param="embed_tokens")
-    head_only = grad_norms(hidden_fn, embed, embed.detach().clone(), ids, attention, response, param="lm_head")
+    head_only = grad_norms(hidden_fn, embed, embed, ids, attention, response, param="lm_head")
+    untied_head = grad_norms(hidden_fn, embed, embed.detach().clone(), ids, attention, response, param="lm_head")
     assert not torch.allclose(both, head_only, rtol=1e-3)
+    torch.testing.assert_close(head_only, untied_head, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_closed_form_from_a_finished_forward_equals_the_fast_path(tokenizer, tiny_model_factory, reduction):
+    # head_grad_norms reuses hidden states and logits of a pass that already ran (the generator's log-probs)
+    model = tiny_model_factory(False).float()
+    ids, attention, response = batch(len(tokenizer), tokenizer.pad_token_id, seed=2)
+    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    reused = head_grad_norms(out.hidden_states[-1], out.logits, ids, response, reduction=reduction)
+
+    def hidden_fn(embeds, mask):
+        return model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    fast = grad_norms(hidden_fn, embed, head, ids, attention, response, param="lm_head", reduction=reduction)
+    torch.testing.assert_close(reused, fast, rtol=1e-5, atol=0)
 
 
 def test_bad_arguments_are_named():

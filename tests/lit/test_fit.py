@@ -245,6 +245,7 @@ def test_gvm_two_process_fit_shares_one_allocation(tmp_path, cache, trainer):
         "allocation=gvm",
         "allocation.n_per_prompt=8",
         "allocation.pilot_samples=4",
+        "allocation.grad_param=embed_tokens",  # a backward through the sharded policy, on every rank
     )
     assert "Held-out Average@2" in proc.stdout + proc.stderr
     s = scalars(run)
@@ -270,6 +271,32 @@ def test_gvm_with_the_pilot_discarded_and_without_gradient_norms(tmp_path, cache
     assert s["pilot/samples"] == [64, 64] and s["stage2/samples"] == [128, 128]  # all N drawn afresh
     assert s["rollout/samples"] == [128, 128] and s["cost/samples"] == [0, 192, 384]  # the pilot is paid for
     assert s["alloc/variance_vs_uniform"][0] <= 1.0 + 1e-6
+
+
+def test_gvm_lm_head_norms_from_the_generator_equal_those_of_the_policy(tmp_path, cache):
+    # the default: G_i w.r.t. lm_head from the generator's log-prob pass; the same pilot (same seed) measured
+    # by a separate forward of the training policy must give the same G_i and so the same allocation
+    runs = {}
+    for flag in ("true", "false"):
+        runs[flag] = tmp_path / flag
+        train(
+            runs[flag],
+            cache,
+            "allocation=gvm",
+            "allocation.pilot_samples=4",
+            "iterations=1",
+            f"allocation.grad_in_generator={flag}",
+        )
+    hist = {
+        k: EventAccumulator(str(r / "tb")).Reload().Histograms("alloc/G")[0].histogram_value for k, r in runs.items()
+    }
+    assert hist["true"].sum > 0 and hist["true"].num == 16
+    for field in ("sum", "max", "sum_squares"):
+        assert getattr(hist["true"], field) == pytest.approx(getattr(hist["false"], field), rel=1e-4)
+    a, b = scalars(runs["true"]), scalars(runs["false"])
+    assert a["alloc/variance_vs_uniform"] == pytest.approx(b["alloc/variance_vs_uniform"], rel=1e-6)
+    assert a["rollout/generated_samples"] == b["rollout/generated_samples"]
+    assert a["time/grad_norms_s"] == [0.0] and b["time/grad_norms_s"][0] > 0  # no forward of its own
 
 
 @pytest.mark.parametrize("mode", ["allocation.online=true", "allocation.refresh_every=2"])

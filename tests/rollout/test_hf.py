@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from dibs.core.grad_norms import reference_grad_norms
 from dibs.data.prompts import PromptTemplate, encode_prompts
 from dibs.rollout.base import SamplingParams
 from dibs.rollout.hf import HFGenerator
@@ -85,3 +86,28 @@ def test_sampling_params_validation():
         SamplingParams(temperature=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_grad_norms_from_the_logprob_pass_equal_the_autograd_oracle(tokenizer, tiny_model_factory, prompts, tied):
+    # G w.r.t. lm_head comes with the teacher-forced log-prob pass (a hook catches the projection's input);
+    # it must equal the per-sample autograd loop on an untied copy of the same weights
+    model = tiny_model_factory(tied).float()
+    gen = HFGenerator(model, tokenizer, token_budget=10_000)
+    torch.manual_seed(1)
+    out = gen.generate(prompts, [2, 1, 0, 2], SamplingParams(temperature=1.2, max_new_tokens=10), head_grad_norms=True)
+    plain = gen.generate(prompts[:1], [1], SamplingParams(max_new_tokens=4))
+    assert plain[0][0].head_grad_norm is None  # only measured when asked for
+    head = gen.model.lm_head.weight.detach().clone().requires_grad_(True)
+
+    def logits_fn(x, mask):
+        return gen.model.model(input_ids=x, attention_mask=mask).last_hidden_state @ head.T
+
+    for prompt, group in zip(prompts, out):
+        for c in group:
+            ids = torch.tensor([list(prompt) + c.token_ids.tolist()])
+            response = torch.zeros_like(ids, dtype=torch.float32)
+            response[0, len(prompt) :] = 1
+            oracle = reference_grad_norms(logits_fn, head, ids, torch.ones_like(ids), response)
+            assert c.head_grad_norm > 0
+            torch.testing.assert_close(torch.tensor([c.head_grad_norm]), oracle, rtol=1e-4, atol=0)
