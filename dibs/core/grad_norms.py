@@ -30,11 +30,11 @@ reference.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["PARAMS", "grad_norms", "head_grad_norms", "reference_grad_norms"]
+__all__ = ["PARAMS", "all_grad_norms", "grad_norms", "head_grad_norms", "reference_grad_norms"]
 
 PARAMS = ("embed_tokens", "lm_head")
 HiddenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -174,14 +174,15 @@ def _embedding_norms(
 
 def reference_grad_norms(
     logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    param: torch.Tensor,
+    param: torch.Tensor | Sequence[torch.Tensor],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
     *,
     reduction: str = "sum",
 ) -> torch.Tensor:
-    """The reference's way, one sample at a time: a batch-1 forward and ``autograd.grad`` w.r.t. ``param``.
+    """The reference's way, one sample at a time: a batch-1 forward and ``autograd.grad`` w.r.t. ``param``
+    (one tensor, or several: the norm of them all together).
 
     Kept as the oracle for the fast paths (and for the benchmark); rows are unpadded before the forward.
     """
@@ -196,6 +197,118 @@ def reference_grad_norms(
             loss = -(logp * keep).sum()
             if reduction == "mean":
                 loss = loss / keep.sum().clamp(min=1)
-            (grad,) = torch.autograd.grad(loss, param)
-        out[b] = grad.float().norm()
+            grads = torch.autograd.grad(loss, [param] if isinstance(param, torch.Tensor) else list(param))
+        out[b] = torch.stack([g.float().norm() for g in grads]).norm()
     return out
+
+
+def all_grad_norms(
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    root: torch.nn.Module,
+    embed_weight: torch.Tensor,
+    head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    tied: bool,
+    reduction: str = "sum",
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    """[B] norms of each sample's gradient w.r.t. EVERY trainable parameter of ``root``, from one batched
+    forward and one batched backward to the input embeddings (no per-sample backward, no per-sample
+    gradient tensors).
+
+    Per-sample norms of a linear layer's gradient Σ_t g_t a_tᵀ come from the layer's inputs a_t and output
+    gradients g_t as Σ_{t,s} ⟨g_t, g_s⟩⟨a_t, a_s⟩ (the Gram trick of the output projection, applied to every
+    layer; "ghost norms"), its bias from ‖Σ_t g_t‖, an RMSNorm scale from ‖Σ_t g_t ⊙ x̂_t‖ with x̂ the
+    normalised input, and the input table as in :func:`grad_norms` (tied: the shared tensor counted once,
+    with the cross term). ``logits_fn(inputs_embeds, attention_mask)`` runs ``root``; ``head`` is its output
+    projection (a ``Linear``). Supported modules with parameters: ``Linear``, ``Embedding`` (only as the input
+    table) and RMSNorm-style scales (a ``weight`` of one dimension and a ``variance_epsilon``); others are
+    refused by name.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction={reduction!r} is not 'sum' or 'mean'")
+    caught: list[tuple[torch.nn.Module, str, bool, dict]] = []
+    handles = []
+    for name, module in root.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own or isinstance(module, torch.nn.Embedding):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            kind = "linear"
+        elif hasattr(module, "variance_epsilon") and [n for n, _ in module.named_parameters(recurse=False)] == [
+            "weight"
+        ]:
+            kind = "rmsnorm"
+        else:
+            raise ValueError(
+                f"grad_param=all: module {name!r} ({type(module).__name__}) has parameters of a kind whose "
+                "per-sample gradient norm is not supported; use embed_tokens or lm_head"
+            )
+        handles.append(module.register_forward_hook(_catcher(caught, kind, module is head)))
+    embeds = embed_weight.detach()[input_ids].clone().requires_grad_(True)
+    target, keep = _targets(input_ids, response_mask)
+    try:
+        with torch.enable_grad():
+            logits = logits_fn(embeds, attention_mask)
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            (g_emb,) = torch.autograd.grad(-(logp * keep).sum(), embeds)
+    finally:
+        for h in handles:
+            h.remove()
+    sq = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
+    head_parts = None
+    for _, kind, is_head, saved in caught:
+        g = saved["grad"].float()
+        if kind == "linear":
+            a = saved["input"].float()
+            sq += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
+            if saved["bias"]:
+                sq += g.sum(dim=1).pow(2).sum(dim=1)
+            if is_head:
+                head_parts = (g, a)
+        else:
+            sq += (g * saved["input"].float()).sum(dim=1).pow(2).sum(dim=1)
+    # the input table: rows summed per token id, as autograd does
+    lookups = attention_mask > 0
+    if padding_idx is not None:
+        lookups = lookups & (input_ids != padding_idx)
+    g_emb = g_emb.float() * lookups.unsqueeze(-1)
+    same = (input_ids.unsqueeze(2) == input_ids.unsqueeze(1)) & lookups.unsqueeze(2) & lookups.unsqueeze(1)
+    sq += (same * (g_emb @ g_emb.transpose(1, 2))).sum(dim=(1, 2))
+    if tied:  # one tensor, two uses: + 2⟨A, B⟩ with B = Σ_s g_s a_sᵀ the output projection's part
+        if head_parts is None:
+            raise ValueError("grad_param=all: tied embeddings, but the output projection was never called")
+        g_head, a_head = head_parts  # [B, L, V], [B, L, H]
+        at_inputs = g_head.gather(-1, input_ids.unsqueeze(1).expand(-1, g_head.shape[1], -1))  # [B, L, L]: g_s[x_t]
+        sq += 2.0 * (at_inputs.transpose(1, 2) * (g_emb @ a_head.transpose(1, 2))).sum(dim=(1, 2))
+    norms = sq.clamp(min=0).sqrt()
+    if reduction == "mean":
+        norms = norms / keep.sum(dim=1).clamp(min=1)
+    return norms
+
+
+def _catcher(caught: list, kind: str, is_head: bool):
+    """A forward hook keeping a module's input (normalised, for RMSNorm) and, once backward reaches it, the
+    gradient of its output."""
+
+    def hook(module, args, output):
+        x = args[0].detach()
+        if kind == "rmsnorm":
+            xf = x.float()
+            x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        if any(m is module for m, _, _, _ in caught):
+            raise ValueError(
+                f"grad_param=all: a {type(module).__name__} ran twice in one forward; its per-sample gradient "
+                "would be the sum over both calls, which these norms do not cover"
+            )
+        saved = {"input": x, "bias": kind == "linear" and module.bias is not None and module.bias.requires_grad}
+        caught.append((module, kind, is_head, saved))
+        if output.requires_grad:
+            output.register_hook(lambda grad: saved.__setitem__("grad", grad.detach()))
+        else:
+            saved["grad"] = torch.zeros_like(output)
+
+    return hook

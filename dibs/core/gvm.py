@@ -252,7 +252,7 @@ class GVMAllocator:
     max_per_prompt: int | None = None
     align: int = 1
     # how the E-step measures and uses the pilot (read by the rollout callback, not by the allocation math)
-    grad_param: str = "embed_tokens"  # the tensor G_i is measured on: embed_tokens | lm_head | none (G_i = 1)
+    grad_param: str = "lm_head"  # what G_i is measured on: lm_head | embed_tokens | all (parameters) | none (G_i = 1)
     grad_reduction: str = "sum"  # −Σ_t log π (the reference) or the per-token mean
     grad_in_generator: bool = True  # lm_head's G_i from the generator's log-prob pass, where the backend can
     reuse_pilot: bool = True  # the pilot samples count towards n_i (the reference discards them)
@@ -268,8 +268,8 @@ class GVMAllocator:
             raise ValueError(f"rounding={self.rounding!r} is not 'largest_remainder' or 'low_p_first'")
         if self.refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
-        if self.grad_param not in ("embed_tokens", "lm_head", "none"):
-            raise ValueError(f"grad_param={self.grad_param!r} is not 'embed_tokens', 'lm_head' or 'none'")
+        if self.grad_param not in ("embed_tokens", "lm_head", "all", "none"):
+            raise ValueError(f"grad_param={self.grad_param!r} is not 'lm_head', 'embed_tokens', 'all' or 'none'")
         if self.prior is not None and (len(self.prior) != 2 or min(self.prior) <= 0):
             raise ValueError(f"prior={self.prior!r} must be two positive Beta pseudo-counts (a, b)")
 

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from dibs.core.allocation import PromptStats
 from dibs.core.batching import chunk_by_tokens, pad_right
-from dibs.core.grad_norms import grad_norms
+from dibs.core.grad_norms import all_grad_norms, grad_norms
 from dibs.lit.evaluation import reduce_sum
 
 __all__ = ["PilotStats", "accept_rates", "policy_grad_norms", "to_global"]
@@ -80,17 +80,32 @@ def policy_grad_norms(
         picked = [rows[i] for i in chunk] if chunk is not None else [(torch.tensor([pad_id]), torch.tensor([pad_id]))]
         ids, mask = pad_right([torch.cat([p, r]) for p, r in picked], pad_id)
         response, _ = pad_right([torch.cat([torch.zeros(len(p)), torch.ones(len(r))]) for p, r in picked], 0)
-        norms = grad_norms(
-            hidden_fn,
-            embed,
-            head,
-            ids.to(device),
-            mask.to(device),
-            response.to(device),
-            param=param,
-            reduction=reduction,
-            padding_idx=getattr(policy.get_input_embeddings(), "padding_idx", None),
-        )
+        padding_idx = getattr(policy.get_input_embeddings(), "padding_idx", None)
+        if param == "all":
+            norms = all_grad_norms(
+                lambda e, m: policy(inputs_embeds=e, attention_mask=m, use_cache=False).logits,
+                policy,
+                embed,
+                policy.get_output_embeddings(),
+                ids.to(device),
+                mask.to(device),
+                response.to(device),
+                tied=tied,
+                reduction=reduction,
+                padding_idx=padding_idx,
+            )
+        else:
+            norms = grad_norms(
+                hidden_fn,
+                embed,
+                head,
+                ids.to(device),
+                mask.to(device),
+                response.to(device),
+                param=param,
+                reduction=reduction,
+                padding_idx=padding_idx,
+            )
         if chunk is not None:
             out[list(chunk)] = norms.cpu().numpy()
     return out

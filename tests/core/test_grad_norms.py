@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dibs.core.batching import pad_right
-from dibs.core.grad_norms import grad_norms, head_grad_norms, reference_grad_norms
+from dibs.core.grad_norms import all_grad_norms, grad_norms, head_grad_norms, reference_grad_norms
 
 
 def batch(vocab: int, pad_id: int, seed: int = 0):
@@ -96,3 +96,48 @@ def test_bad_arguments_are_named():
         grad_norms(lambda e, m: e, w, w, ids, torch.ones(1, 3), torch.ones(1, 3), param="all")
     with pytest.raises(ValueError, match="reduction='max'"):
         grad_norms(lambda e, m: e, w, w, ids, torch.ones(1, 3), torch.ones(1, 3), reduction="max")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_all_parameter_norms_equal_the_per_sample_autograd_loop(tokenizer, tiny_model_factory, tied, reduction):
+    # every trainable tensor: q/k/v (with biases), o, MLP, RMSNorm scales, the tables (tied: once)
+    model = tiny_model_factory(tied).float()
+    ids, attention, response = batch(len(tokenizer), tokenizer.pad_token_id, seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == len(list(model.named_parameters()))  # the shared tensor listed once when tied
+
+    def logits_fn(x, mask):
+        return model(input_ids=x, attention_mask=mask).logits
+
+    oracle = reference_grad_norms(logits_fn, params, ids, attention, response, reduction=reduction)
+    fast = all_grad_norms(
+        lambda e, m: model(inputs_embeds=e, attention_mask=m).logits,
+        model,
+        model.model.embed_tokens.weight,
+        model.lm_head,
+        ids,
+        attention,
+        response,
+        tied=tied,
+        reduction=reduction,
+        padding_idx=model.model.embed_tokens.padding_idx,
+    )
+    torch.testing.assert_close(fast, oracle, rtol=1e-4, atol=0)
+
+
+def test_all_parameter_norms_refuse_modules_they_cannot_handle(tokenizer, tiny_model_factory):
+    model = tiny_model_factory(False).float()
+    model.model.layers[0].extra = torch.nn.Conv1d(1, 1, 1)  # has parameters; never called
+    ids, attention, response = batch(len(tokenizer), tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=r"layers\.0\.extra.*Conv1d"):
+        all_grad_norms(
+            lambda e, m: model(inputs_embeds=e, attention_mask=m).logits,
+            model,
+            model.model.embed_tokens.weight,
+            model.lm_head,
+            ids,
+            attention,
+            response,
+            tied=False,
+        )

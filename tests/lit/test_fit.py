@@ -245,7 +245,9 @@ def test_gvm_two_process_fit_shares_one_allocation(tmp_path, cache, trainer):
         "allocation=gvm",
         "allocation.n_per_prompt=8",
         "allocation.pilot_samples=4",
-        "allocation.grad_param=embed_tokens",  # a backward through the sharded policy, on every rank
+        # a backward through the (sharded) policy on every rank: the input table under DDP, every parameter
+        # (hooks on the FSDP2-wrapped layers) under FSDP2
+        f"allocation.grad_param={'all' if trainer == 'fsdp2' else 'embed_tokens'}",
     )
     assert "Held-out Average@2" in proc.stdout + proc.stderr
     s = scalars(run)
