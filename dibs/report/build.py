@@ -1,4 +1,5 @@
-"""``python -m dibs.report GRID_DIR``: a Hydra multirun grid → report.md, report.json and accuracy-vs-cost PNGs.
+"""``python -m dibs.report GRID_DIR``: a Hydra multirun grid → report.md, report.json and accuracy-vs-cost PNGs
+(overall against each cost, and per difficulty level against samples).
 
 The report reads only what the training side already writes (resolved configs, Hydra overrides, TensorBoard
 events), so there is no parallel log format to keep in sync. Refusals are ``ReportError``s; the CLI prints their
@@ -17,7 +18,7 @@ from typing import Any
 from dibs.report.grid import ReportError, load_grid
 from dibs.report.markdown import render
 from dibs.report.metrics import compute
-from dibs.report.plots import plot_all
+from dibs.report.plots import plot_all, plot_levels
 
 __all__ = ["build_report", "main"]
 
@@ -30,7 +31,8 @@ def build_report(
     axes: list[str] | None = None,
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
 ) -> Path:
-    """Write ``report.md``, ``report.json`` and four PNGs to ``out_dir`` (default ``<grid_dir>/report``).
+    """Write ``report.md``, ``report.json`` and the PNGs (four, plus one per-level one when the runs log levels) to
+    ``out_dir`` (default ``<grid_dir>/report``).
 
     ``target`` (an accuracy in (0, 1]) and ``baseline`` (a configuration label) override the runs' ``grid.target``
     and ``grid.baseline``; ``axes`` replaces the axes declared by the multirun.yaml files. Returns report.md's path.
@@ -41,6 +43,8 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     files = plot_all(grid, out, data["target"]["value"], data["budget"]["unit"], data["budget"]["amount"])
     data["plots"] = {unit: path.name for unit, path in files.items()}
+    by_level = plot_levels(grid, out, data["budget"]["unit"], data["budget"]["amount"])
+    data["per_level"]["plot"] = by_level.name if by_level is not None else None
     (out / "report.json").write_text(json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n")
     report = out / "report.md"
     report.write_text(render(grid, data, data["plots"]))

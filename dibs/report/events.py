@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["COST_UNITS", "Curve", "ReportError", "natural_key", "read_curve"]
+__all__ = ["COST_UNITS", "Curve", "ReportError", "level_names", "natural_key", "read_curve"]
 
 COST_UNITS = ("samples", "tokens", "updates", "wall_s")
 _LEVEL = re.compile(r"^val/acc_level_(.+)$")
@@ -39,6 +40,11 @@ def natural_key(value: Any) -> tuple:
         return (0, float(str(value)), "")
     except ValueError:
         return (1, 0.0, str(value))
+
+
+def level_names(names: Iterable[str]) -> list[str]:
+    """Distinct difficulty levels in report order (shorter names first, so "2" < "10"): columns, tables, subplots."""
+    return sorted(set(names), key=lambda s: (len(s), s))
 
 
 def read_curve(run_dir: Path) -> Curve:

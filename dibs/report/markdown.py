@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dibs.report.events import level_names
 from dibs.report.grid import COST_UNITS, Grid, format_value
 from dibs.report.plots import BAND, UNIT_NAMES
 
@@ -113,7 +114,7 @@ def _header(grid: Grid, data: dict[str, Any]) -> list[str]:
 
 def _final(grid: Grid, data: dict[str, Any]) -> list[str]:
     finals = data["final"]
-    levels = sorted({lv for f in finals.values() for lv in f["levels"]}, key=lambda s: (len(s), s))
+    levels = level_names(lv for f in finals.values() for lv in f["levels"])
     header = ["Configuration", "Seeds", "π0 acc (%)", "Final acc (%)", "Gain (pp)"]
     header += [f"Level {lv} (%)" for lv in levels] + [UNIT_TITLES[u] for u in COST_UNITS]
     rows = []
@@ -152,15 +153,19 @@ def _short_runs(grid: Grid, data: dict[str, Any]) -> list[str]:
     ]
 
 
+def _fraction_header(data: dict[str, Any], unit: str) -> list[str]:
+    """``Configuration`` and one column per budget fraction, naming its threshold."""
+    first = data["fractions"][next(iter(data["fractions"]))]
+    return ["Configuration"] + [f"{100 * e['fraction']:g}% (≤ {amount(e['threshold'], unit)} {unit})" for e in first]
+
+
 def _fractions(grid: Grid, data: dict[str, Any]) -> list[str]:
     unit = data["budget"]["unit"]
-    first = data["fractions"][grid.configurations[0]]
-    header = ["Configuration"] + [f"{100 * e['fraction']:g}% (≤ {amount(e['threshold'], unit)} {unit})" for e in first]
     rows = [[label] + [pct(e["acc"]) for e in data["fractions"][label]] for label in grid.configurations]
     lines = [
         "## Accuracy at fractions of the budget",
         "",
-        *table(header, rows),
+        *table(_fraction_header(data, unit), rows),
         "",
         f"Held-out accuracy (%) of each seed at its LAST evaluation whose cumulative {unit} are ≤ the fraction × the "
         "budget (a step function: no interpolation between evaluations), then mean ± std over seeds.",
@@ -172,6 +177,37 @@ def _fractions(grid: Grid, data: dict[str, Any]) -> list[str]:
             f"{len(over)} run(s) end above the budget (the iteration that reaches it is completed): "
             f"{', '.join(over[:5])}; their 100% column reads the last evaluation within it."
         )
+    return lines
+
+
+def _per_level(grid: Grid, data: dict[str, Any]) -> list[str]:
+    """Per difficulty level: the plot against samples, then a table of accuracy at the budget fractions and the mean
+    accuracy over the run, on the budget's axis (named in the heading when it is not samples)."""
+    per = data["per_level"]
+    if not per["levels"]:
+        return []
+    unit, span = per["unit"], per["span"]
+    lines = [f"## Accuracy per difficulty level vs {unit}" + ("" if unit == "samples" else " (the budget's unit)"), ""]
+    if per.get("plot"):
+        lines += [
+            f"![Held-out accuracy per difficulty level vs samples]({per['plot']})",
+            "",
+            f"*Held-out accuracy (%) per difficulty level vs cumulative samples ({grid.name}), one subplot per level "
+            "with its own y range: line = mean over seeds after linear interpolation onto a common x grid (0 to the "
+            f"configuration's smallest final cost), shaded = {BAND} (a single seed: its own curve, no band).*",
+            "",
+        ]
+    lines += [
+        f"Cells: `val/acc_level_<level>` (%) read by the rule of the fractions table (each seed's LAST evaluation "
+        f"whose cumulative {unit} are ≤ the fraction × the budget), then mean ± std over seeds. Mean over run: the "
+        f"area under a seed's step-function accuracy–{unit} curve from 0 to the budget ({amount(span, unit)} {unit}; "
+        "a run that ended short holds its last evaluation), divided by that span, then mean ± std over seeds.",
+    ]
+    header = [*_fraction_header(data, unit), "Mean over run"]
+    for lv in per["levels"]:
+        fractions, means = per["fractions"][lv], per["mean_over_run"][lv]
+        rows = [[label, *(pct(e["acc"]) for e in fractions[label]), pct(means[label])] for label in grid.configurations]
+        lines += ["", f"### Level {lv}", "", *table(header, rows)]
     return lines
 
 
@@ -252,6 +288,6 @@ def _runs(grid: Grid, data: dict[str, Any]) -> list[str]:
 
 def render(grid: Grid, data: dict[str, Any], plots: dict[str, str]) -> str:
     """The whole report; ``plots`` maps a cost unit to its PNG's path relative to report.md."""
-    parts = [_header(grid, data), _final(grid, data), _fractions(grid, data), _target(grid, data)]
-    parts += [_plots(grid, data, plots), _runs(grid, data)]
-    return "\n\n".join("\n".join(p) for p in parts) + "\n"
+    parts = [_header(grid, data), _final(grid, data), _fractions(grid, data), _per_level(grid, data)]
+    parts += [_target(grid, data), _plots(grid, data, plots), _runs(grid, data)]
+    return "\n\n".join("\n".join(p) for p in parts if p) + "\n"

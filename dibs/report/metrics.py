@@ -1,7 +1,8 @@
-"""The numbers of the report, from a loaded grid: final metrics, accuracy at budget fractions, cost to a target.
+"""The numbers of the report, from a loaded grid: final metrics, accuracy at budget fractions (overall and per
+difficulty level), mean accuracy over the run per level, cost to a target.
 
-Pure numpy on ``Curve`` arrays, so the rules (step function at fractions, first crossing of the target, speed-up
-as a ratio of means) are each one small function the tests pin down.
+Pure numpy on ``Curve`` arrays, so the rules (step function at fractions, its area over the budget, first crossing
+of the target, speed-up as a ratio of means) are each one small function the tests pin down.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from dibs.report.grid import COST_UNITS, SEED_AXIS, Curve, Grid, ReportError, format_value
+from dibs.report.events import level_names
+from dibs.report.grid import COST_UNITS, SEED_AXIS, Curve, Grid, ReportError, Run, format_value
 
 __all__ = [
     "Budget",
@@ -21,6 +23,7 @@ __all__ = [
     "compute",
     "first_reaching",
     "match_baselines",
+    "mean_over_run",
     "resolve_budget",
     "resolve_target",
     "stat",
@@ -82,11 +85,27 @@ def resolve_budget(grid: Grid) -> Budget:
     return Budget(unit, amounts.pop(), f"`budget.{unit}` in the runs' config")
 
 
-def acc_at_fraction(curve: Curve, unit: str, threshold: float) -> float | None:
-    """Accuracy at the LAST evaluation whose cumulative cost is <= threshold (a step function); None if none is."""
+def _series(curve: Curve, level: str | None) -> np.ndarray:
+    """The overall accuracy, or that of one difficulty level."""
+    return curve.acc if level is None else curve.levels[level]
+
+
+def acc_at_fraction(curve: Curve, unit: str, threshold: float, level: str | None = None) -> float | None:
+    """Accuracy (overall, or of ``level``) at the LAST evaluation whose cumulative cost is <= threshold (a step
+    function); None if none is."""
     cost = curve.cost[unit]
     within = np.nonzero(cost <= threshold * (1 + COST_RTOL) + 1e-9)[0]
-    return float(curve.acc[within[-1]]) if within.size else None
+    return float(_series(curve, level)[within[-1]]) if within.size else None
+
+
+def mean_over_run(curve: Curve, unit: str, end: float, level: str | None = None) -> float:
+    """The area under the step function of ``acc_at_fraction`` from 0 to ``end`` (each evaluation holds until the
+    next, the last until ``end``; evaluations past ``end`` are cut off), divided by ``end``."""
+    if end <= 0:
+        return math.nan
+    width = np.diff(np.clip(np.append(curve.cost[unit], end), 0.0, end))
+    held = width > 0  # an evaluation past the end (its accuracy NaN or not) has no weight
+    return float(np.sum(_series(curve, level)[held] * width[held]) / end)
 
 
 def first_reaching(curve: Curve, target: float) -> int | None:
@@ -170,7 +189,7 @@ def compute(
     finals: dict[str, dict[str, Any]] = {}
     for label, runs in grid.by_config.items():
         curves = [r.curve for r in runs]
-        levels = sorted({lv for c in curves for lv in c.levels}, key=lambda s: (len(s), s))
+        levels = level_names(lv for c in curves for lv in c.levels)
         finals[label] = {
             "seeds": [r.seed for r in runs],
             "runs": [r.name for r in runs],
@@ -181,17 +200,32 @@ def compute(
             "cost": {u: stat([c.cost[u][-1] for c in curves]) for u in COST_UNITS},
         }
 
-    at_fractions = {
-        label: [
+    def at_fractions(runs: list[Run], level: str | None = None) -> list[dict[str, Any]]:
+        return [
             {
                 "fraction": f,
                 "threshold": f * budget.amount,
-                "acc": stat([acc_at_fraction(r.curve, budget.unit, f * budget.amount) for r in runs]),
+                "acc": stat([acc_at_fraction(r.curve, budget.unit, f * budget.amount, level) for r in runs]),
             }
             for f in fractions
         ]
-        for label, runs in grid.by_config.items()
+
+    # per difficulty level, on the axis of the fractions: the same step function, and its mean over the budget
+    per_level: dict[str, Any] = {
+        "unit": budget.unit,
+        "span": budget.amount,
+        "levels": [],
+        "fractions": {},
+        "mean_over_run": {},
     }
+    for lv in level_names(name for r in grid.runs for name in r.curve.levels):
+        having = {label: [r for r in runs if lv in r.curve.levels] for label, runs in grid.by_config.items()}
+        per_level["levels"].append(lv)
+        per_level["fractions"][lv] = {label: at_fractions(runs, lv) for label, runs in having.items()}
+        per_level["mean_over_run"][lv] = {
+            label: stat([mean_over_run(r.curve, budget.unit, budget.amount, lv) for r in runs])
+            for label, runs in having.items()
+        }
 
     goal = resolve_target(grid, finals, target)
     reach: dict[str, dict[str, Any]] = {}
@@ -260,6 +294,7 @@ def compute(
         "target": {"value": goal.value, "rule": goal.rule},
         "baseline": {"configuration": baseline_spec, "source": baseline_source, "per_configuration": baselines},
         "final": finals,
-        "fractions": at_fractions,
+        "fractions": {label: at_fractions(runs) for label, runs in grid.by_config.items()},
+        "per_level": per_level,
         "target_cost": reach,
     }

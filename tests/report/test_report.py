@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dibs.report import ReportError, build_report, main
 from dibs.report.grid import load_grid
-from dibs.report.metrics import acc_at_fraction, compute, first_reaching
+from dibs.report.metrics import acc_at_fraction, compute, first_reaching, mean_over_run
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,14 +91,24 @@ def config(run_dir: Path, algo: str, seed: int, **changes) -> dict:
     return cfg
 
 
-def write_events(folder: Path, samples: list[float], acc: list[float], *, start: int = 0, wall: float = T0) -> None:
+def write_events(
+    folder: Path,
+    samples: list[float],
+    acc: list[float],
+    *,
+    start: int = 0,
+    wall: float = T0,
+    levels: dict[str, list[float]] | None = None,
+) -> None:
+    """``levels``: per-level accuracy per evaluation; default level 1 = acc + 0.2, level 2 = acc / 2."""
+    if levels is None:
+        levels = {"1": [min(1.0, a + 0.2) for a in acc], "2": [a / 2 for a in acc]}
     writer = SummaryWriter(log_dir=str(folder))
     for i, (s, a) in enumerate(zip(samples, acc)):
         step, t = 10 * (start + i), wall + start + i
         scalars = {
             "val/acc": a,
-            "val/acc_level_1": min(1.0, a + 0.2),
-            "val/acc_level_2": a / 2,
+            **{f"val/acc_level_{level}": values[i] for level, values in levels.items()},
             "cost/samples": s,
             "cost/tokens": 10 * s,
             "cost/updates": 4 * (start + i),
@@ -264,6 +274,97 @@ def test_rules_on_a_curve(tmp_path):
     assert first_reaching(curve, 0.41) is None
     data = compute(grid, fractions=(0.2,))  # 40 samples: raft s0 → 0.10, s1 → 0.30
     assert data["fractions"]["algo=raft"][0]["acc"]["values"] == pytest.approx([0.1, 0.3])
+
+
+# Per-level accuracy (levels 1 and 2) for the per-level section; samples and val/acc are those of CURVES. raftpp
+# gains on the hard level 2 only.
+LEVEL_CURVES = {
+    ("raft", 0): {"1": [0.50, 0.60, 0.60, 0.70], "2": [0.00, 0.00, 0.10, 0.10]},  # samples 0, 60, 130, 200
+    ("raft", 1): {"1": [0.50, 0.70, 0.70, 0.70], "2": [0.00, 0.10, 0.10, 0.20]},  # samples 0, 40, 110, 190
+    ("raftpp", 0): {"1": [0.50, 0.50, 0.60, 0.60], "2": [0.00, 0.20, 0.30, 0.40]},  # samples 0, 50, 100, 200
+    ("raftpp", 1): {"1": [0.60, 0.60, 0.70, 0.70], "2": [0.10, 0.30, 0.30, 0.50]},  # samples 0, 50, 100, 200
+}
+
+
+def make_level_grid(root: Path, levels: dict = LEVEL_CURVES, **changes) -> Path:
+    write_multirun(root, ["+grid=toy", "experiment=smoke"])
+    for (algo, seed), (samples, acc) in CURVES.items():
+        run = write_run(root, algo, seed, events=False, **changes)
+        write_events(run / "tb", samples, acc, levels=levels[(algo, seed)])
+    return root
+
+
+def test_per_level_accuracy_at_fractions_and_mean_over_run(tmp_path):
+    grid = make_level_grid(tmp_path / "grid")
+    text = build_report(grid).read_text()
+    section = text.split("## Accuracy per difficulty level vs samples\n")[1].split("\n## ")[0]
+    level_1, level_2 = section.split("### Level 1")[1].split("### Level 2")
+
+    # At 50/100/150/200 samples the step function reads evaluation 0, 1, 2, 3 of raft s0 (0, 60, 130, 200),
+    # 1, 1, 2, 3 of raft s1 (0, 40, 110, 190) and 1, 2, 2, 3 of raftpp (0, 50, 100, 200; 50 ≤ 50 counts).
+    # Mean over run: Σ acc_i × (cost_{i+1} − cost_i), the last evaluation held to 200, / 200; the widths are
+    # raft s0 60, 70, 70, 0; raft s1 40, 70, 80, 10; raftpp 50, 50, 100, 0.
+    # Level 1, raft: s0 .50 .60 .60 .70, s1 .70 .70 .70 .70 → 60.0 ± 14.1, 65.0 ± 7.1, 65.0 ± 7.1, 70.0 ± 0.0;
+    #   mean over run s0 (30 + 42 + 42) / 200 = .57, s1 (20 + 49 + 56 + 7) / 200 = .66 → 61.5 ± 6.4 (.09/√2).
+    # Level 1, raftpp: s0 .50 .60 .60 .60, s1 .60 .70 .70 .70 → 55.0 ± 7.1, 65.0 ± 7.1, 65.0 ± 7.1, 65.0 ± 7.1;
+    #   s0 (25 + 25 + 60) / 200 = .55, s1 (30 + 30 + 70) / 200 = .65 → 60.0 ± 7.1.
+    header = (
+        "| Configuration | 25% (≤ 50 samples) | 50% (≤ 100 samples) | 75% (≤ 150 samples) | 100% (≤ 200 samples) "
+        "| Mean over run |"
+    )
+    assert header in level_1 and header in level_2
+    assert "| algo=raft | 60.0 ± 14.1 | 65.0 ± 7.1 | 65.0 ± 7.1 | 70.0 ± 0.0 | 61.5 ± 6.4 |" in level_1
+    assert "| algo=raftpp | 55.0 ± 7.1 | 65.0 ± 7.1 | 65.0 ± 7.1 | 65.0 ± 7.1 | 60.0 ± 7.1 |" in level_1
+    # Level 2, raft: s0 .00 .00 .10 .10, s1 .10 .10 .10 .20 → 5.0 ± 7.1, 5.0 ± 7.1, 10.0 ± 0.0, 15.0 ± 7.1;
+    #   s0 (.1 × 70) / 200 = .035, s1 (7 + 8 + 2) / 200 = .085 → 6.0 ± 3.5 (.05/√2).
+    # Level 2, raftpp: s0 .20 .30 .30 .40, s1 .30 .30 .30 .50 → 25.0 ± 7.1, 30.0 ± 0.0, 30.0 ± 0.0, 45.0 ± 7.1;
+    #   s0 (10 + 30) / 200 = .20, s1 (5 + 15 + 30) / 200 = .25 → 22.5 ± 3.5.
+    assert "| algo=raft | 5.0 ± 7.1 | 5.0 ± 7.1 | 10.0 ± 0.0 | 15.0 ± 7.1 | 6.0 ± 3.5 |" in level_2
+    assert "| algo=raftpp | 25.0 ± 7.1 | 30.0 ± 0.0 | 30.0 ± 0.0 | 45.0 ± 7.1 | 22.5 ± 3.5 |" in level_2
+    assert "area under a seed's step-function accuracy–samples curve from 0 to the budget (200 samples" in section
+
+    png = grid / "report" / "accuracy_vs_samples_by_level.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
+    assert "](accuracy_vs_samples_by_level.png)" in section
+
+    per = json.loads((grid / "report" / "report.json").read_text())["per_level"]
+    assert per["unit"] == "samples" and per["span"] == 200 and per["levels"] == ["1", "2"]
+    assert per["plot"] == "accuracy_vs_samples_by_level.png"
+    assert per["mean_over_run"]["1"]["algo=raft"]["values"] == pytest.approx([0.57, 0.66])
+    assert per["mean_over_run"]["2"]["algo=raftpp"]["values"] == pytest.approx([0.20, 0.25])
+    assert [e["acc"]["mean"] for e in per["fractions"]["2"]["algo=raftpp"]] == pytest.approx([0.25, 0.3, 0.3, 0.45])
+
+
+def test_per_level_rules_on_a_curve(tmp_path):
+    """The step function and its area on one level of raft seed 0 (samples 0, 60, 130, 200; level 1 .5 .6 .6 .7)."""
+    grid = load_grid(make_level_grid(tmp_path / "grid"))
+    curve = next(r.curve for r in grid.runs if r.label == "algo=raft" and r.seed == 0)
+    assert acc_at_fraction(curve, "samples", 59, level="1") == pytest.approx(0.50)
+    assert acc_at_fraction(curve, "samples", 60, level="2") == pytest.approx(0.00)
+    assert acc_at_fraction(curve, "samples", 130, level="2") == pytest.approx(0.10)
+    assert acc_at_fraction(curve, "samples", 130) == pytest.approx(0.25)  # no level: val/acc
+    # cut at 150: (.5 × 60 + .6 × 70 + .6 × 20) / 150 = 84 / 150 = .56 (the evaluation at 200 has no weight)
+    assert mean_over_run(curve, "samples", 150, level="1") == pytest.approx(0.56)
+    # a budget past the run's end: the last evaluation holds, (114 + .7 × 50) / 250 = .596
+    assert mean_over_run(curve, "samples", 250, level="1") == pytest.approx(0.596)
+    # overall val/acc (.10 .20 .25 .30): (6 + 14 + 17.5) / 200 = .1875
+    assert mean_over_run(curve, "samples", 200) == pytest.approx(0.1875)
+
+
+def test_per_level_section_on_the_budget_axis_and_without_levels(tmp_path):
+    # a budget in tokens (10 × samples): the same evaluations at 500/1,000/1,500/2,000 tokens, the same numbers
+    tokens = {"samples": None, "tokens": 2000, "updates": None}
+    text = build_report(make_level_grid(tmp_path / "tokens", budget=tokens)).read_text()
+    section = text.split("## Accuracy per difficulty level vs tokens (the budget's unit)\n")[1].split("\n## ")[0]
+    assert "| Configuration | 25% (≤ 500 tokens) |" in section
+    assert "| algo=raftpp | 25.0 ± 7.1 | 30.0 ± 0.0 | 30.0 ± 0.0 | 45.0 ± 7.1 | 22.5 ± 3.5 |" in section
+    assert "from 0 to the budget (2,000 tokens" in section
+    assert (tmp_path / "tokens" / "report" / "accuracy_vs_samples_by_level.png").is_file()  # against samples still
+
+    no_levels = {key: {} for key in LEVEL_CURVES}
+    text = build_report(make_level_grid(tmp_path / "plain", levels=no_levels)).read_text()
+    assert "per difficulty level" not in text and "### Level" not in text
+    assert not (tmp_path / "plain" / "report" / "accuracy_vs_samples_by_level.png").exists()
 
 
 def test_resumed_run_repeat_of_an_evaluation_keeps_the_latest(tmp_path):
