@@ -1,20 +1,43 @@
-"""A run's evaluations from its TensorBoard event files (read with TensorBoard's own reader), and the error
-type of the report package, which every other module of it imports from here."""
+"""A run's evaluations and per-iteration E-step scalars from its TensorBoard event files (read once, with
+TensorBoard's own reader), and the error type of the report package, which every other module of it imports from
+here."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["COST_UNITS", "Curve", "ReportError", "level_names", "natural_key", "read_curve"]
+__all__ = [
+    "ALLOC_TAGS",
+    "COST_UNITS",
+    "ITERATION_TAGS",
+    "Curve",
+    "ReportError",
+    "level_names",
+    "natural_key",
+    "read_curve",
+]
 
 COST_UNITS = ("samples", "tokens", "updates", "wall_s")
+# Logged once per EM iteration, all optional: the E-step's training samples and acceptance, the pilot's cumulative
+# samples, and (GVM allocation runs only) the allocation diagnostics of dibs.lit.diagnostics.
+ITERATION_TAGS = ("rollout/accept_rate", "rollout/samples", "pilot/samples_cum")
+ALLOC_TAGS = (
+    "alloc/zero_frac",
+    "alloc/gini",
+    "alloc/variance_vs_uniform",
+    "alloc/pilot_unsolved_frac",
+    "alloc/predicted_accept",
+    "alloc/realised_accept",
+)
+_ITERATION = "iteration"  # the iteration number, logged with the rollout scalars
+_PER_ITERATION = frozenset((_ITERATION, *ITERATION_TAGS, *ALLOC_TAGS))
 _LEVEL = re.compile(r"^val/acc_level_(.+)$")
 
 
@@ -24,12 +47,15 @@ class ReportError(ValueError):
 
 @dataclass
 class Curve:
-    """One run's evaluations, in step order: accuracy, per-level accuracy (NaN where absent) and cumulative costs."""
+    """One run's evaluations, in step order: accuracy, per-level accuracy (NaN where absent) and cumulative costs;
+    and its E-step scalars (those of ``ITERATION_TAGS`` and ``ALLOC_TAGS`` it logs), one entry per EM iteration in
+    iteration order, NaN where an iteration lacks the scalar."""
 
     steps: np.ndarray
     acc: np.ndarray
     levels: dict[str, np.ndarray]
     cost: dict[str, np.ndarray]
+    iterations: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def natural_key(value: Any) -> tuple:
@@ -48,7 +74,8 @@ def level_names(names: Iterable[str]) -> list[str]:
 
 
 def read_curve(run_dir: Path) -> Curve:
-    """The run's evaluations from every event file below ``run_dir``: ``val/*`` joined with ``cost/*``.
+    """The run's evaluations from every event file below ``run_dir``: ``val/*`` joined with ``cost/*``; and, from
+    the same read, its per-iteration E-step scalars (see ``_per_iteration``).
 
     Each evaluation logs ``val/*`` and ``cost/*`` together at the current optimiser step. A step can hold
     several evaluations: an iteration without any accepted sample makes no update, so the evaluation after
@@ -67,7 +94,7 @@ def read_curve(run_dir: Path) -> Curve:
         acc = EventAccumulator(str(folder), size_guidance={"scalars": 0}, purge_orphaned_data=False)
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            if not (tag.startswith("val/") or tag.startswith("cost/")):
+            if not (tag.startswith(("val/", "cost/")) or tag in _PER_ITERATION):
                 continue
             by_step = series.setdefault(tag, {})
             for event in acc.Scalars(tag):
@@ -114,4 +141,29 @@ def read_curve(run_dir: Path) -> Curve:
         acc=column("val/acc"),
         levels=dict(sorted(levels.items(), key=lambda kv: natural_key(kv[0]))),
         cost={unit: column(f"cost/{unit}") for unit in COST_UNITS},
+        iterations=_per_iteration(series),
     )
+
+
+def _per_iteration(series: dict[str, dict[int, list[tuple[float, int, float]]]]) -> dict[str, np.ndarray]:
+    """The E-step scalars, one row per EM iteration, in (step, iteration number) order.
+
+    Every E-step logs its scalars at the current optimiser step, so a step holds several iterations when some made
+    no update; within a step the k-th value of a scalar belongs to the k-th ``iteration`` value (in logging order).
+    A run resumed from a checkpoint logs the re-run iteration again at the same step with the same number: that
+    repeat keeps the latest values. A run without the ``iteration`` scalar counts every value as its own iteration.
+    """
+    numbers = series.get(_ITERATION, {})
+    rows: dict[tuple[int, int, float], dict[str, float]] = {}
+    for tag in (*ITERATION_TAGS, *ALLOC_TAGS):
+        for step, entries in series.get(tag, {}).items():
+            known = numbers.get(step, [])
+            for index, (_, _, value) in enumerate(entries):  # in logging order: a repeat overwrites the earlier one
+                key = (step, 0, known[index][2]) if index < len(known) else (step, 1, float(index))
+                rows.setdefault(key, {})[tag] = value
+    keys = sorted(rows)
+    return {
+        tag: np.array([rows[k].get(tag, math.nan) for k in keys], dtype=np.float64)
+        for tag in (*ITERATION_TAGS, *ALLOC_TAGS)
+        if tag in series
+    }

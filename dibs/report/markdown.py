@@ -12,7 +12,7 @@ from dibs.report.events import level_names
 from dibs.report.grid import COST_UNITS, Grid, format_value
 from dibs.report.plots import BAND, UNIT_NAMES
 
-__all__ = ["COST_DEFINITION", "SETTINGS", "render"]
+__all__ = ["ALLOC_COLUMNS", "COST_DEFINITION", "SETTINGS", "render"]
 
 COST_DEFINITION = (
     "Costs are cumulative per run at each evaluation: *samples* = generated samples (the allocation pilot included, "
@@ -41,6 +41,43 @@ SETTINGS = (
     "warmstart.steps",
 )
 UNIT_TITLES = {"samples": "Samples", "tokens": "Tokens", "updates": "Updates", "wall_s": "Wall (s)"}
+# The alloc/* columns of the E-step table: title, cell format (a percentage, or a ratio with 3 decimals) and the
+# sentence under the table that says what the column is.
+ALLOC_COLUMNS = {
+    "alloc/zero_frac": (
+        "Zero-sample prompts (%)",
+        "pct",
+        "the fraction of an iteration's prompts that the allocation gives no sample (`alloc/zero_frac`)",
+    ),
+    "alloc/gini": (
+        "Gini",
+        ".3f",
+        "the Gini coefficient of the per-prompt sample counts (`alloc/gini`; 0 = uniform, towards 1 = concentrated "
+        "on few prompts)",
+    ),
+    "alloc/variance_vs_uniform": (
+        "Variance vs uniform",
+        ".3f",
+        "the variance-bound objective of the chosen allocation divided by that of the uniform allocation at the same "
+        "budget (`alloc/variance_vs_uniform`; < 1: the allocation expects a less noisy gradient than uniform)",
+    ),
+    "alloc/pilot_unsolved_frac": (
+        "Pilot-unsolved (%)",
+        "pct",
+        "the fraction of an iteration's prompts whose pilot acceptance rate is 0 (`alloc/pilot_unsolved_frac`)",
+    ),
+    "alloc/predicted_accept": (
+        "Predicted accept (%)",
+        "pct",
+        "the acceptance rate of stage 2's fresh samples that the pilot's per-prompt rates predict "
+        "(`alloc/predicted_accept`)",
+    ),
+    "alloc/realised_accept": (
+        "Realised accept (%)",
+        "pct",
+        "the acceptance rate those stage-2 samples actually had (`alloc/realised_accept`)",
+    ),
+}
 
 
 # ---- cell formatting --------------------------------------------------------------------------------------------
@@ -268,6 +305,48 @@ def _plots(grid: Grid, data: dict[str, Any], plots: dict[str, str]) -> list[str]
     return lines[:-1]
 
 
+def _estep(grid: Grid, data: dict[str, Any]) -> list[str]:
+    """Per configuration: generated samples, the pilot's share, accepted samples per iteration and the means of the
+    alloc/* scalars (columns left out when no run logs them; "–" for a configuration that does not)."""
+    estep = data["estep"]
+    tags = estep["alloc_tags"]
+    header = ["Configuration", "Generated samples", "Pilot share (%)", "Accepted / iteration"]
+    header += [ALLOC_COLUMNS[tag][0] for tag in tags]
+    rows = []
+    for label in grid.configurations:
+        row = estep["configurations"][label]
+        cells = [label, cost(row["generated_samples"], "samples"), pct(row["pilot_share"])]
+        cells.append(_pm(row["accepted_per_iteration"], ",.1f"))
+        for tag in tags:
+            fmt = ALLOC_COLUMNS[tag][1]
+            cells.append(pct(row["alloc"][tag]) if fmt == "pct" else _pm(row["alloc"][tag], fmt))
+        rows.append(cells)
+    lines = [
+        "## E-step diagnostics",
+        "",
+        *table(header, rows),
+        "",
+        "Each cell is a per-run number, then mean ± std over seeds; a mean over iterations counts each EM iteration "
+        "once (a resumed run's re-run iteration keeps its latest values) and skips iterations where the scalar is "
+        "NaN.",
+        "",
+        "- *Generated samples*: the run's final `cost/samples`, every sample generated for training, the allocation "
+        "pilot included.",
+        "- *Pilot share*: the run's last `pilot/samples_cum` divided by its generated samples (0 for a run without a "
+        "pilot).",
+        "- *Accepted / iteration*: the mean over iterations of `rollout/accept_rate` × `rollout/samples`, the number "
+        "of an iteration's training samples that the verifier accepted.",
+    ]
+    lines += [f"- *{ALLOC_COLUMNS[tag][0]}*: the mean over iterations of {ALLOC_COLUMNS[tag][2]}." for tag in tags]
+    if tags:
+        lines.append("")
+        lines.append(
+            "The alloc/* scalars are logged by GVM allocation runs only: – marks a configuration that does not log "
+            "them (uniform allocation)."
+        )
+    return lines
+
+
 def _runs(grid: Grid, data: dict[str, Any]) -> list[str]:
     unit = data["budget"]["unit"]
     rows = [
@@ -289,5 +368,5 @@ def _runs(grid: Grid, data: dict[str, Any]) -> list[str]:
 def render(grid: Grid, data: dict[str, Any], plots: dict[str, str]) -> str:
     """The whole report; ``plots`` maps a cost unit to its PNG's path relative to report.md."""
     parts = [_header(grid, data), _final(grid, data), _fractions(grid, data), _per_level(grid, data)]
-    parts += [_target(grid, data), _plots(grid, data, plots), _runs(grid, data)]
+    parts += [_target(grid, data), _plots(grid, data, plots), _estep(grid, data), _runs(grid, data)]
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"

@@ -1,8 +1,8 @@
 """The numbers of the report, from a loaded grid: final metrics, accuracy at budget fractions (overall and per
-difficulty level), mean accuracy over the run per level, cost to a target.
+difficulty level), mean accuracy over the run per level, cost to a target, E-step diagnostics.
 
 Pure numpy on ``Curve`` arrays, so the rules (step function at fractions, its area over the budget, first crossing
-of the target, speed-up as a ratio of means) are each one small function the tests pin down.
+of the target, speed-up as a ratio of means, a run's E-step numbers) are each one small function the tests pin down.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dibs.report.events import level_names
+from dibs.report.events import ALLOC_TAGS, level_names
 from dibs.report.grid import COST_UNITS, SEED_AXIS, Curve, Grid, ReportError, Run, format_value
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Target",
     "acc_at_fraction",
     "compute",
+    "estep_numbers",
     "first_reaching",
     "match_baselines",
     "mean_over_run",
@@ -106,6 +107,35 @@ def mean_over_run(curve: Curve, unit: str, end: float, level: str | None = None)
     width = np.diff(np.clip(np.append(curve.cost[unit], end), 0.0, end))
     held = width > 0  # an evaluation past the end (its accuracy NaN or not) has no weight
     return float(np.sum(_series(curve, level)[held] * width[held]) / end)
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(np.mean(finite)) if finite.size else None
+
+
+def estep_numbers(curve: Curve) -> dict[str, Any]:
+    """One run's E-step numbers: generated samples (its final ``cost/samples``), the pilot's share of them (its last
+    ``pilot/samples_cum`` / that; 0 without a pilot), accepted training samples per iteration (the mean over
+    iterations of ``rollout/accept_rate`` × ``rollout/samples``), and the mean over iterations of each ``alloc/*``
+    scalar it logs. Means skip NaN (a prediction over no fresh sample); None where the run logs nothing to average."""
+    it = curve.iterations
+    total = float(curve.cost["samples"][-1])
+    pilot = it.get("pilot/samples_cum", np.zeros(0))
+    pilot = pilot[np.isfinite(pilot)]
+    last_pilot = float(pilot[-1]) if pilot.size else 0.0
+    share = 0.0 if last_pilot == 0 else last_pilot / total if total > 0 else None
+    accepted = (
+        _finite_mean(it["rollout/accept_rate"] * it["rollout/samples"])
+        if "rollout/accept_rate" in it and "rollout/samples" in it
+        else None
+    )
+    return {
+        "generated_samples": total,
+        "pilot_share": share,
+        "accepted_per_iteration": accepted,
+        "alloc": {tag: _finite_mean(it[tag]) for tag in ALLOC_TAGS if tag in it},
+    }
 
 
 def first_reaching(curve: Curve, target: float) -> int | None:
@@ -227,6 +257,20 @@ def compute(
             for label, runs in having.items()
         }
 
+    # E-step diagnostics: per run, then over seeds; the alloc/* columns only if some run logs them
+    per_run = {r.name: estep_numbers(r.curve) for r in grid.runs}
+    logged = [tag for tag in ALLOC_TAGS if any(tag in n["alloc"] for n in per_run.values())]
+    estep: dict[str, Any] = {"alloc_tags": logged, "configurations": {}}
+    for label, runs in grid.by_config.items():
+        numbers = [per_run[r.name] for r in runs]
+        estep["configurations"][label] = {
+            **{
+                key: stat([n[key] for n in numbers])
+                for key in ("generated_samples", "pilot_share", "accepted_per_iteration")
+            },
+            "alloc": {tag: stat([n["alloc"].get(tag) for n in numbers]) for tag in logged},
+        }
+
     goal = resolve_target(grid, finals, target)
     reach: dict[str, dict[str, Any]] = {}
     for label, runs in grid.by_config.items():
@@ -297,4 +341,5 @@ def compute(
         "fractions": {label: at_fractions(runs) for label, runs in grid.by_config.items()},
         "per_level": per_level,
         "target_cost": reach,
+        "estep": estep,
     }

@@ -4,6 +4,7 @@ curves whose report numbers are derived by hand in the comments (TensorBoard sto
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dibs.report import ReportError, build_report, main
 from dibs.report.grid import load_grid
-from dibs.report.metrics import acc_at_fraction, compute, first_reaching, mean_over_run
+from dibs.report.metrics import acc_at_fraction, compute, estep_numbers, first_reaching, mean_over_run
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -365,6 +366,166 @@ def test_per_level_section_on_the_budget_axis_and_without_levels(tmp_path):
     text = build_report(make_level_grid(tmp_path / "plain", levels=no_levels)).read_text()
     assert "per difficulty level" not in text and "### Level" not in text
     assert not (tmp_path / "plain" / "report" / "accuracy_vs_samples_by_level.png").exists()
+
+
+# E-step scalars, one value per EM iteration: iteration i logs them at step 10 × i (before its updates), half a
+# second before the evaluation after it (step 10 × (i + 1)). Allocation uniform: no pilot, no alloc/*; gvm: a pilot
+# and the alloc/* diagnostics. "samples" is each run's cumulative cost/samples at its four evaluations.
+ESTEP_RUNS = {
+    ("uniform", 0): {
+        "samples": [0, 64, 128, 192],
+        "rollout/samples": [64, 64, 64],
+        "rollout/accept_rate": [0.25, 0.5, 0.75],
+        "pilot/samples_cum": [0, 0, 0],
+    },
+    ("uniform", 1): {  # an older run: no pilot/samples_cum at all
+        "samples": [0, 64, 128, 192],
+        "rollout/samples": [64, 64, 64],
+        "rollout/accept_rate": [0.125, 0.25, 0.375],
+    },
+    ("gvm", 0): {
+        "samples": [0, 64, 128, 192],
+        "rollout/samples": [48, 48, 48],
+        "rollout/accept_rate": [0.5, 0.5, 0.75],
+        "pilot/samples_cum": [16, 32, 48],
+        "alloc/zero_frac": [0.1, 0.2, 0.3],
+        "alloc/gini": [0.2, 0.3, 0.4],
+        "alloc/variance_vs_uniform": [0.9, 0.8, 0.7],
+        "alloc/pilot_unsolved_frac": [0.5, 0.4, 0.3],
+        "alloc/predicted_accept": [0.5, 0.6, math.nan],  # no fresh sample in its last iteration
+        "alloc/realised_accept": [0.4, 0.5, 0.6],
+    },
+    ("gvm", 1): {
+        "samples": [0, 60, 120, 180],
+        "rollout/samples": [40, 40, 40],
+        "rollout/accept_rate": [0.5, 0.75, 0.75],
+        "pilot/samples_cum": [12, 24, 36],
+        "alloc/zero_frac": [0.3, 0.3, 0.3],
+        "alloc/gini": [0.4, 0.5, 0.6],
+        "alloc/variance_vs_uniform": [0.6, 0.6, 0.6],
+        "alloc/pilot_unsolved_frac": [0.5, 0.5, 0.5],
+        "alloc/predicted_accept": [0.6, 0.6, 0.6],
+        "alloc/realised_accept": [0.5, 0.5, 0.5],
+    },
+}
+
+
+def write_iterations(
+    folder: Path, scalars: dict[str, list[float]], *, numbers: list[int], steps: list[int] | None = None, wall=T0
+) -> None:
+    """Per-iteration scalars, the k-th value of each for iteration ``numbers[k]`` (also logged as ``iteration``) at
+    ``steps[k]`` (default 10 × the number)."""
+    steps = steps if steps is not None else [10 * n for n in numbers]
+    writer = SummaryWriter(log_dir=str(folder))
+    for k, (number, step) in enumerate(zip(numbers, steps)):
+        for tag, value in {**{tag: values[k] for tag, values in scalars.items()}, "iteration": number}.items():
+            writer.add_scalar(tag, value, step, walltime=wall + number + 0.5)
+    writer.close()
+
+
+def make_estep_grid(root: Path) -> Path:
+    write_multirun(root, ["+grid=toy"], params="{allocation: 'uniform,gvm', seed: '0,1'}")
+    targets = {"uniform": "dibs.core.allocation.UniformAllocator", "gvm": "dibs.core.gvm.GVMAllocator"}
+    for (allocation, seed), scalars in ESTEP_RUNS.items():
+        run = write_run(
+            root,
+            "raft",
+            seed,
+            name=f"allocation={allocation},seed={seed}",
+            overrides=[f"allocation={allocation}", f"seed={seed}", "+grid=toy"],
+            events=False,
+            allocation={"_target_": targets[allocation], "n_per_prompt": 4},
+            **{"grid.baseline": "allocation=uniform", "budget.samples": 192},
+        )
+        samples, per_iteration = scalars["samples"], {k: v for k, v in scalars.items() if k != "samples"}
+        write_events(run / "tb", samples, [0.10, 0.20, 0.25, 0.30])
+        write_iterations(run / "tb", per_iteration, numbers=[0, 1, 2])
+    return root
+
+
+def test_estep_diagnostics(tmp_path):
+    root = make_estep_grid(tmp_path / "grid")
+    text = build_report(root).read_text()
+    section = text.split("## E-step diagnostics\n")[1].split("\n## ")[0]
+    assert (
+        "| Configuration | Generated samples | Pilot share (%) | Accepted / iteration | Zero-sample prompts (%) | Gini "
+        "| Variance vs uniform | Pilot-unsolved (%) | Predicted accept (%) | Realised accept (%) |" in section
+    )
+    # uniform: generated 192, 192 → 192 ± 0; pilot share 0 / 192 = 0 and 0 (no pilot logged) → 0.0 ± 0.0;
+    # accepted per iteration s0 .25/.5/.75 × 64 = 16, 32, 48 → 32, s1 .125/.25/.375 × 64 = 8, 16, 24 → 16
+    # → 24.0 ± 11.3 (16/√2); no alloc/* → "–" in each alloc column.
+    assert "| allocation=uniform | 192 ± 0 | 0.0 ± 0.0 | 24.0 ± 11.3 | – | – | – | – | – | – |" in section
+    # gvm: generated 192, 180 → 186 ± 8 (12/√2 = 8.5); pilot share 48/192 = 25%, 36/180 = 20% → 22.5 ± 3.5;
+    # accepted s0 .5/.5/.75 × 48 = 24, 24, 36 → 28, s1 .5/.75/.75 × 40 = 20, 30, 30 → 26.67 → 27.3 ± 0.9 (1.33/√2);
+    # means over iterations, s0 then s1 → mean ± std (0.1/√2 = 0.0707, 0.2/√2 = 0.1414, 0.05/√2 = 0.0354):
+    # zero_frac .2, .3 → 25.0 ± 7.1; gini .3, .5 → 0.400 ± 0.141; variance_vs_uniform .8, .6 → 0.700 ± 0.141;
+    # pilot_unsolved .4, .5 → 45.0 ± 7.1; predicted .55 (NaN skipped), .6 → 57.5 ± 3.5; realised .5, .5 → 50.0 ± 0.0
+    assert (
+        "| allocation=gvm | 186 ± 8 | 22.5 ± 3.5 | 27.3 ± 0.9 | 25.0 ± 7.1 | 0.400 ± 0.141 | 0.700 ± 0.141 "
+        "| 45.0 ± 7.1 | 57.5 ± 3.5 | 50.0 ± 0.0 |" in section
+    )
+    for words in ("*Generated samples*: the run's final `cost/samples`", "*Pilot share*:", "*Accepted / iteration*:"):
+        assert words in section
+    assert "*Gini*: the mean over iterations of the Gini coefficient" in section
+    assert "*Realised accept (%)*:" in section and "– marks a configuration that does not log them" in section
+
+    estep = json.loads((root / "report" / "report.json").read_text())["estep"]
+    assert estep["alloc_tags"] == [
+        "alloc/zero_frac",
+        "alloc/gini",
+        "alloc/variance_vs_uniform",
+        "alloc/pilot_unsolved_frac",
+        "alloc/predicted_accept",
+        "alloc/realised_accept",
+    ]
+    uniform, gvm = estep["configurations"]["allocation=uniform"], estep["configurations"]["allocation=gvm"]
+    assert uniform["accepted_per_iteration"]["values"] == pytest.approx([32, 16])
+    assert uniform["pilot_share"]["values"] == [0.0, 0.0]
+    assert uniform["alloc"]["alloc/gini"] == {"mean": None, "std": None, "n": 0, "values": []}
+    assert gvm["generated_samples"]["values"] == pytest.approx([192, 180])
+    assert gvm["pilot_share"]["values"] == pytest.approx([0.25, 0.20])
+    assert gvm["accepted_per_iteration"]["values"] == pytest.approx([28, 80 / 3])
+    assert gvm["alloc"]["alloc/predicted_accept"]["values"] == pytest.approx([0.55, 0.6])
+    assert gvm["alloc"]["alloc/variance_vs_uniform"]["mean"] == pytest.approx(0.7)
+
+
+def test_estep_section_without_alloc_scalars(tmp_path):
+    # the toy grid logs no E-step scalar: generated samples from cost/samples (raft 200, 190 → 195 ± 7; raftpp 200,
+    # 200 → 200 ± 0), pilot share 0, accepted "–"; no run logs alloc/*, so those columns are left out
+    text = build_report(make_grid(tmp_path / "grid")).read_text()
+    section = text.split("## E-step diagnostics\n")[1].split("\n## ")[0]
+    assert "| Configuration | Generated samples | Pilot share (%) | Accepted / iteration |\n" in section
+    assert "| algo=raft | 195 ± 7 | 0.0 ± 0.0 | – |" in section
+    assert "| algo=raftpp | 200 ± 0 | 0.0 ± 0.0 | – |" in section
+    assert "Gini" not in section and "alloc/" not in section
+    assert json.loads((tmp_path / "grid" / "report" / "report.json").read_text())["estep"]["alloc_tags"] == []
+
+
+def test_estep_iterations_without_updates_and_a_resumed_repeat(tmp_path):
+    root = make_estep_grid(tmp_path / "grid")
+    run = root / "allocation=gvm,seed=1"
+    for f in (run / "tb").iterdir():
+        f.unlink()
+    write_events(run / "tb", [0, 60, 120, 180], [0.10, 0.20, 0.25, 0.30])
+    # iteration 1 accepted nothing, so made no update: iterations 1 and 2 both log at step 10. The run was killed
+    # after logging iteration 2 and resumed from the checkpoint after iteration 1: iteration 2 is logged again at
+    # step 10, later, with other values (the latest wins). Iteration 3 follows at step 20.
+    first = {"rollout/samples": [40, 40, 40], "rollout/accept_rate": [0.5, 0.0, 0.25], "alloc/gini": [0.4, 0.5, 0.9]}
+    write_iterations(run / "tb", {**first, "pilot/samples_cum": [12, 24, 36]}, numbers=[0, 1, 2], steps=[0, 10, 10])
+    again = {"rollout/samples": [40, 40], "rollout/accept_rate": [0.75, 1.0], "alloc/gini": [0.6, 0.7]}
+    write_iterations(
+        run / "tb", {**again, "pilot/samples_cum": [36, 48]}, numbers=[2, 3], steps=[10, 20], wall=T0 + 100
+    )
+    curve = next(r.curve for r in load_grid(root).runs if r.name == "allocation=gvm,seed=1")
+    assert curve.iterations["rollout/accept_rate"].tolist() == pytest.approx([0.5, 0.0, 0.75, 1.0])
+    assert curve.iterations["alloc/gini"].tolist() == pytest.approx([0.4, 0.5, 0.6, 0.7])
+    assert "alloc/zero_frac" not in curve.iterations  # not logged by this run
+    numbers = estep_numbers(curve)
+    # accepted .5/0/.75/1 × 40 = 20, 0, 30, 40 → 22.5; gini (.4 + .5 + .6 + .7) / 4 = .55; pilot 48 / 180
+    assert numbers["accepted_per_iteration"] == pytest.approx(22.5)
+    assert numbers["alloc"] == pytest.approx({"alloc/gini": 0.55})
+    assert numbers["pilot_share"] == pytest.approx(48 / 180)
+    assert numbers["generated_samples"] == pytest.approx(180)
 
 
 def test_resumed_run_repeat_of_an_evaluation_keeps_the_latest(tmp_path):
