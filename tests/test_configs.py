@@ -93,3 +93,21 @@ def test_experiment_allocation_variants_compose_and_allocate(option):
     allocator = instantiate(cfg.allocation)
     stats = PromptStats(np.array([0.25, 0.5, 0.0]), np.array([1.0, 2.0, 0.0]), np.full(3, 4.0))
     assert allocator.allocate(3, stats if allocator.pilot_samples > 0 else None).sum() == allocator.budget(3)
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        # the reference's runs: N' = 8, N = 8 per prompt, alpha 1e-3, beta 2, embed_tokens, pilot discarded
+        ("gvm_reference", dict(pilot_samples=8, n_per_prompt=8, grad_param="embed_tokens", reuse_pilot=False)),
+        # the kit's: a reused pilot of 4, lm_head from the generator
+        ("gvm_recommended", dict(pilot_samples=4, n_per_prompt=8, grad_param="lm_head", reuse_pilot=True)),
+    ],
+)
+def test_gvm_presets_set_what_they_promise(preset, expected, tmp_path):
+    cfg = compose_with([f"experiment={preset}"])
+    cfg.run_dir = str(tmp_path)
+    allocator = instantiate(cfg.allocation)
+    assert {k: getattr(allocator, k) for k in expected} == expected
+    assert (allocator.alpha, allocator.beta, allocator.rounding) == (1e-3, 2.0, "largest_remainder")
+    assert cfg.algo.loss == "raftpp"
