@@ -30,7 +30,7 @@ reference.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -53,8 +53,8 @@ def _output_errors(hidden: torch.Tensor, head_weight: torch.Tensor, target: torc
 def _errors_from_logits(hidden: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor):
     keep = keep.to(torch.float32).unsqueeze(-1)
     h = hidden.float() * keep
-    e = torch.softmax(logits.float(), dim=-1)
-    e = e.scatter_add(-1, target.unsqueeze(-1), -torch.ones_like(target, dtype=e.dtype).unsqueeze(-1)) * keep
+    e = torch.softmax(logits.float(), dim=-1)  # the one [B, T, V] float32 tensor made here; then in place
+    e.scatter_add_(-1, target.unsqueeze(-1), -torch.ones_like(target, dtype=e.dtype).unsqueeze(-1)).mul_(keep)
     return e, h
 
 
@@ -230,7 +230,9 @@ def all_grad_norms(
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction={reduction!r} is not 'sum' or 'mean'")
-    caught: list[tuple[torch.nn.Module, str, bool, dict]] = []
+    batch = len(input_ids)
+    sq = torch.zeros(batch, dtype=torch.float32, device=input_ids.device)
+    state: dict[str, Any] = {"seen": [], "sq": sq, "head": None, "keep_head": tied}
     handles = []
     for name, module in root.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -247,7 +249,7 @@ def all_grad_norms(
                 f"grad_param=all: module {name!r} ({type(module).__name__}) has parameters of a kind whose "
                 "per-sample gradient norm is not supported; use embed_tokens or lm_head"
             )
-        handles.append(module.register_forward_hook(_catcher(caught, kind, module is head)))
+        handles.append(module.register_forward_hook(_ghost_hook(state, kind, module is head)))
     embeds = embed_weight.detach()[input_ids].clone().requires_grad_(True)
     target, keep = _targets(input_ids, response_mask)
     try:
@@ -258,19 +260,8 @@ def all_grad_norms(
     finally:
         for h in handles:
             h.remove()
-    sq = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
-    head_parts = None
-    for _, kind, is_head, saved in caught:
-        g = saved["grad"].float()
-        if kind == "linear":
-            a = saved["input"].float()
-            sq += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
-            if saved["bias"]:
-                sq += g.sum(dim=1).pow(2).sum(dim=1)
-            if is_head:
-                head_parts = (g, a)
-        else:
-            sq += (g * saved["input"].float()).sum(dim=1).pow(2).sum(dim=1)
+    if not embed_weight.requires_grad:  # a frozen input table has no gradient to count
+        return _finish(sq, keep, reduction)
     # the input table: rows summed per token id, as autograd does
     lookups = attention_mask > 0
     if padding_idx is not None:
@@ -279,36 +270,55 @@ def all_grad_norms(
     same = (input_ids.unsqueeze(2) == input_ids.unsqueeze(1)) & lookups.unsqueeze(2) & lookups.unsqueeze(1)
     sq += (same * (g_emb @ g_emb.transpose(1, 2))).sum(dim=(1, 2))
     if tied:  # one tensor, two uses: + 2⟨A, B⟩ with B = Σ_s g_s a_sᵀ the output projection's part
-        if head_parts is None:
+        if state["head"] is None:
             raise ValueError("grad_param=all: tied embeddings, but the output projection was never called")
-        g_head, a_head = head_parts  # [B, L, V], [B, L, H]
+        g_head, a_head = state["head"]  # [B, L, V], [B, L, H]
         at_inputs = g_head.gather(-1, input_ids.unsqueeze(1).expand(-1, g_head.shape[1], -1))  # [B, L, L]: g_s[x_t]
         sq += 2.0 * (at_inputs.transpose(1, 2) * (g_emb @ a_head.transpose(1, 2))).sum(dim=(1, 2))
+    return _finish(sq, keep, reduction)
+
+
+def _finish(sq: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
     norms = sq.clamp(min=0).sqrt()
-    if reduction == "mean":
-        norms = norms / keep.sum(dim=1).clamp(min=1)
-    return norms
+    return norms / keep.sum(dim=1).clamp(min=1) if reduction == "mean" else norms
 
 
-def _catcher(caught: list, kind: str, is_head: bool):
-    """A forward hook keeping a module's input (normalised, for RMSNorm) and, once backward reaches it, the
-    gradient of its output."""
+def _ghost_hook(state: dict[str, Any], kind: str, is_head: bool):
+    """A forward hook that keeps a module's input (normalised, for RMSNorm) until backward brings the gradient
+    of its output, then adds the module's per-sample squared gradient norm to ``state["sq"]`` and lets both go
+    (only the output projection's are kept, for the tied cross term). Positions are flattened, so inputs of
+    any rank ([B, L, D] or [B, L, heads, D]) work."""
 
     def hook(module, args, output):
-        x = args[0].detach()
-        if kind == "rmsnorm":
-            xf = x.float()
-            x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-        if any(m is module for m, _, _, _ in caught):
+        if any(m is module for m in state["seen"]):
             raise ValueError(
                 f"grad_param=all: a {type(module).__name__} ran twice in one forward; its per-sample gradient "
                 "would be the sum over both calls, which these norms do not cover"
             )
-        saved = {"input": x, "bias": kind == "linear" and module.bias is not None and module.bias.requires_grad}
-        caught.append((module, kind, is_head, saved))
-        if output.requires_grad:
-            output.register_hook(lambda grad: saved.__setitem__("grad", grad.detach()))
-        else:
-            saved["grad"] = torch.zeros_like(output)
+        state["seen"].append(module)
+        if not output.requires_grad:  # nothing upstream needs a gradient: this module contributes none
+            return
+        x = args[0].detach()
+        if kind == "rmsnorm":
+            xf = x.float()
+            x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        weight_counts = module.weight.requires_grad
+        bias_counts = kind == "linear" and module.bias is not None and module.bias.requires_grad
+
+        def on_grad(grad: torch.Tensor) -> None:
+            b = grad.shape[0]
+            g = grad.detach().float().reshape(b, -1, grad.shape[-1])  # [B, P, out]
+            a = x.float().reshape(b, -1, x.shape[-1])  # [B, P, in]
+            if kind == "linear":
+                if weight_counts:
+                    state["sq"] += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
+                if bias_counts:
+                    state["sq"] += g.sum(dim=1).pow(2).sum(dim=1)
+                if is_head and state["keep_head"]:
+                    state["head"] = (g, a)
+            elif weight_counts:
+                state["sq"] += (g * a).sum(dim=1).pow(2).sum(dim=1)
+
+        output.register_hook(on_grad)
 
     return hook

@@ -273,7 +273,9 @@ class RolloutCallback(L.Callback):
             "stage2/tokens_cum": self.totals["tokens"] - self.totals["pilot_tokens"],
             "time/generation_s": generated - started,
             "time/verification_s": verified - generated,
-            "time/grad_norms_s": self.pilot.grad_s,  # G_i outside generation (pilot and online updates)
+            # G_i measured on the training policy, 0 when the generator measures it; already within generation_s
+            # (pilot) and verification_s (online updates)
+            "time/grad_norms_s": self.pilot.grad_s,
             "iteration": iteration,
         }
         metrics.update({f"reward/{s}": int(v) for s, v in zip(STATUSES, total[4:])})

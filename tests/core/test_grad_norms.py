@@ -141,3 +141,43 @@ def test_all_parameter_norms_refuse_modules_they_cannot_handle(tokenizer, tiny_m
             response,
             tied=False,
         )
+
+
+def test_all_parameter_norms_with_per_head_norms_and_a_response_free_row():
+    # Qwen3 normalises queries and keys per head: RMSNorm scales applied to [B, L, heads, head_dim] inputs
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3ForCausalLM(config).float()
+    with torch.no_grad():  # scales away from 1, so a wrong per-head sum would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    ids, attention, response = batch(48, 0, seed=4)
+    response[2] = 0  # a row without response tokens: no loss, gradient norm 0
+    params = list(model.parameters())
+    oracle = reference_grad_norms(
+        lambda x, m: model(input_ids=x, attention_mask=m).logits, params, ids, attention, response
+    )
+    fast = all_grad_norms(
+        lambda e, m: model(inputs_embeds=e, attention_mask=m).logits,
+        model,
+        model.model.embed_tokens.weight,
+        model.lm_head,
+        ids,
+        attention,
+        response,
+        tied=False,
+    )
+    assert fast[2] == 0 and oracle[2] == 0
+    torch.testing.assert_close(fast, oracle, rtol=1e-4, atol=1e-6)
