@@ -80,32 +80,14 @@ def policy_grad_norms(
         picked = [rows[i] for i in chunk] if chunk is not None else [(torch.tensor([pad_id]), torch.tensor([pad_id]))]
         ids, mask = pad_right([torch.cat([p, r]) for p, r in picked], pad_id)
         response, _ = pad_right([torch.cat([torch.zeros(len(p)), torch.ones(len(r))]) for p, r in picked], 0)
-        padding_idx = getattr(policy.get_input_embeddings(), "padding_idx", None)
+        rows_on_device = (ids.to(device), mask.to(device), response.to(device))
+        common = dict(reduction=reduction, padding_idx=getattr(policy.get_input_embeddings(), "padding_idx", None))
         if param == "all":
-            norms = all_grad_norms(
-                lambda e, m: policy(inputs_embeds=e, attention_mask=m, use_cache=False).logits,
-                policy,
-                embed,
-                policy.get_output_embeddings(),
-                ids.to(device),
-                mask.to(device),
-                response.to(device),
-                tied=tied,
-                reduction=reduction,
-                padding_idx=padding_idx,
-            )
+            logits_fn = lambda e, m: policy(inputs_embeds=e, attention_mask=m, use_cache=False).logits  # noqa: E731
+            head_module = policy.get_output_embeddings()
+            norms = all_grad_norms(logits_fn, policy, embed, head_module, *rows_on_device, tied=tied, **common)
         else:
-            norms = grad_norms(
-                hidden_fn,
-                embed,
-                head,
-                ids.to(device),
-                mask.to(device),
-                response.to(device),
-                param=param,
-                reduction=reduction,
-                padding_idx=padding_idx,
-            )
+            norms = grad_norms(hidden_fn, embed, head, *rows_on_device, param=param, **common)
         if chunk is not None:
             out[list(chunk)] = norms.cpu().numpy()
     return out

@@ -98,6 +98,20 @@ def test_bad_arguments_are_named():
         grad_norms(lambda e, m: e, w, w, ids, torch.ones(1, 3), torch.ones(1, 3), reduction="max")
 
 
+def model_all_norms(model, ids, attention, response, **kwargs):
+    """all_grad_norms on a Hugging Face causal LM: its own forward, input table and output projection."""
+    return all_grad_norms(
+        lambda e, m: model(inputs_embeds=e, attention_mask=m).logits,
+        model,
+        model.model.embed_tokens.weight,
+        model.lm_head,
+        ids,
+        attention,
+        response,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_all_parameter_norms_equal_the_per_sample_autograd_loop(tokenizer, tiny_model_factory, tied, reduction):
@@ -111,11 +125,8 @@ def test_all_parameter_norms_equal_the_per_sample_autograd_loop(tokenizer, tiny_
         return model(input_ids=x, attention_mask=mask).logits
 
     oracle = reference_grad_norms(logits_fn, params, ids, attention, response, reduction=reduction)
-    fast = all_grad_norms(
-        lambda e, m: model(inputs_embeds=e, attention_mask=m).logits,
+    fast = model_all_norms(
         model,
-        model.model.embed_tokens.weight,
-        model.lm_head,
         ids,
         attention,
         response,
@@ -131,16 +142,7 @@ def test_all_parameter_norms_refuse_modules_they_cannot_handle(tokenizer, tiny_m
     model.model.layers[0].extra = torch.nn.Conv1d(1, 1, 1)  # has parameters; never called
     ids, attention, response = batch(len(tokenizer), tokenizer.pad_token_id)
     with pytest.raises(ValueError, match=r"layers\.0\.extra.*Conv1d"):
-        all_grad_norms(
-            lambda e, m: model(inputs_embeds=e, attention_mask=m).logits,
-            model,
-            model.model.embed_tokens.weight,
-            model.lm_head,
-            ids,
-            attention,
-            response,
-            tied=False,
-        )
+        model_all_norms(model, ids, attention, response, tied=False)
 
 
 def test_all_parameter_norms_with_per_head_norms_and_a_response_free_row():
@@ -169,15 +171,6 @@ def test_all_parameter_norms_with_per_head_norms_and_a_response_free_row():
     oracle = reference_grad_norms(
         lambda x, m: model(input_ids=x, attention_mask=m).logits, params, ids, attention, response
     )
-    fast = all_grad_norms(
-        lambda e, m: model(inputs_embeds=e, attention_mask=m).logits,
-        model,
-        model.model.embed_tokens.weight,
-        model.lm_head,
-        ids,
-        attention,
-        response,
-        tied=False,
-    )
+    fast = model_all_norms(model, ids, attention, response, tied=False)
     assert fast[2] == 0 and oracle[2] == 0
     torch.testing.assert_close(fast, oracle, rtol=1e-4, atol=1e-6)
