@@ -135,11 +135,14 @@ def find_runs(root: Path) -> tuple[list[Path], list[Path]]:
     return runs, multiruns
 
 
-def _declared_axes(multiruns: list[Path]) -> tuple[list[str], dict[str, list[str]], list[str]]:
-    """Axes (in declaration order), their declared values, and each sweep's reproduce command."""
+def _declared_axes(
+    multiruns: list[Path],
+) -> tuple[list[str], dict[str, list[str]], list[tuple[list[str], dict[str, list[str]]]]]:
+    """Axes (in declaration order), their declared values, and each sweep's command-line overrides with the
+    values its grid config sweeps (``hydra.sweeper.params``), for the reproduce command."""
     axes: list[str] = []
     values: dict[str, list[str]] = {}
-    commands: list[str] = []
+    launches: list[tuple[list[str], dict[str, list[str]]]] = []
 
     def declare(key: str, items: list[Any]) -> None:
         key = normalise_key(key)
@@ -162,13 +165,35 @@ def _declared_axes(multiruns: list[Path]) -> tuple[list[str], dict[str, list[str
         task = [str(t) for t in task or []]
         # a command-line sweep of a key replaces the grid's values for it (Hydra's rule), so its order wins
         swept = {normalise_key(o.key_or_group): o for o in _parse_overrides(task, path) if o.is_sweep_override()}
+        own: dict[str, list[str]] = {}
         for key, spec in (params or {}).items():
             (override,) = _parse_overrides([f"{key}={spec}"], path)
+            own[normalise_key(key)] = [format_value(v) for v in _sweep_values(override)]
             declare(key, _sweep_values(swept.pop(normalise_key(key), override)))
         for key, override in swept.items():
             declare(key, _sweep_values(override))
-        commands.append(" ".join(["python train.py -m", *(shlex.quote(t) for t in task)]))
-    return axes, values, commands
+        launches.append((task, own))
+    return axes, values, launches
+
+
+def _reproduce(task: list[str], own: dict[str, list[str]], axes: list[str], runs: list[Run]) -> str:
+    """The command that re-creates ``runs``: the launch's overrides with every axis set to the values the runs
+    hold. A folder completed by several launches keeps only the last one's overrides in multirun.yaml (e.g.
+    ``seed=3``), so those alone would reproduce a part of it. An axis holding its grid config's values is left to
+    the grid config."""
+    held = {a: list(dict.fromkeys(format_value(r.axis_values[a]) for r in runs)) for a in axes}
+    tokens, done = [], set()
+    for token in task:
+        raw = token.split("=", 1)[0]
+        key = normalise_key(raw)
+        if key in held:
+            done.add(key)
+            if set(held[key]) != set(own.get(key, [])):
+                tokens.append(f"{raw}={','.join(held[key])}")
+        else:
+            tokens.append(token)
+    tokens += [f"{a}={','.join(v)}" for a, v in held.items() if a not in done and set(v) != set(own.get(a, []))]
+    return " ".join(["python train.py -m", *(shlex.quote(t) for t in tokens)])
 
 
 def _sweep_values(override: Any) -> list[Any]:
@@ -256,7 +281,7 @@ def load_grid(grid_dir: str | Path, axes: list[str] | None = None) -> Grid:
             f"{root}: no runs found; a run folder holds {RUN_FILE}, {OVERRIDES_FILE} and TensorBoard event files "
             "(the layout `python train.py -m ...` writes)"
         )
-    detected, declared, commands = _declared_axes(multiruns)
+    detected, declared, launches = _declared_axes(multiruns)
     if axes is not None:
         axes, source = [normalise_key(a) for a in axes if a.strip()], "--axes"
     elif multiruns:
@@ -305,7 +330,10 @@ def load_grid(grid_dir: str | Path, axes: list[str] | None = None) -> Grid:
         axes_source=source,
         declared_values=declared,
         multiruns=multiruns,
-        commands=commands,
+        commands=[
+            _reproduce(task, own, axes, [r for r in ordered if r.path.is_relative_to(path.parent)])
+            for (task, own), path in zip(launches, multiruns)
+        ],
         runs=ordered,
         configurations=list(by_config),
         by_config=by_config,

@@ -53,6 +53,13 @@ def _pyplot():
     return plt
 
 
+def _short_ticks(ax) -> None:
+    """x tick labels as 20k / 1.5M, so large counts do not run into each other in narrow panels."""
+    from matplotlib.ticker import EngFormatter
+
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
 def _config_lines(ax, grid: Grid, unit: str, series: Callable[[Curve], np.ndarray | None]) -> None:
     """One line per configuration on ``ax``: ``series`` of each run (an accuracy in [0, 1]; None: the run lacks it)
     in % against cumulative ``unit``, the mean over seeds with a ± 1 std band; a single seed: its own curve. The
@@ -82,6 +89,7 @@ def plot_all(grid: Grid, out_dir: Path, target: float, budget_unit: str, budget_
         if unit == budget_unit:
             ax.axvline(budget_amount, color="grey", linestyle=":", linewidth=1, label="budget")
         ax.set_xlabel(AXIS_LABELS[unit])
+        _short_ticks(ax)
         ax.set_ylabel("held-out accuracy (%)")
         ax.set_title(f"{grid.name}: held-out accuracy vs {UNIT_NAMES[unit]}")
         ax.grid(alpha=0.3)
@@ -114,6 +122,7 @@ def plot_levels(grid: Grid, out_dir: Path, budget_unit: str, budget_amount: floa
             ax.axvline(budget_amount, color="grey", linestyle=":", linewidth=1, label="budget")
         ax.set_title(f"level {level}")
         ax.tick_params(labelbottom=True)  # also above an empty slot of the last row
+        _short_ticks(ax)
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         legend.update(zip(labels, handles))  # one entry per label across the subplots

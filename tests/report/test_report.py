@@ -589,6 +589,18 @@ def test_command_line_sweep_replaces_the_grid_order(tmp_path):
     assert grid.axes == ["algo", "seed"] and grid.configurations == ["algo=raftpp", "algo=raft"]
 
 
+def test_reproduce_command_covers_a_folder_completed_by_several_launches(tmp_path):
+    """multirun.yaml keeps the LAST launch's overrides; the command is rebuilt from the runs the folder holds."""
+    root = make_grid(tmp_path / "grid")
+    write_multirun(root, ["+grid=toy", "experiment=smoke", "algo=raftpp", "seed=1"])  # the launch that finished it
+    assert load_grid(root).commands == ["python train.py -m +grid=toy experiment=smoke"]  # the grid's own values
+    part = tmp_path / "part"
+    write_multirun(part, ["+grid=toy", "algo=raft", "seed=1"])
+    for seed in (0, 1):
+        write_run(part, "raft", seed)
+    assert load_grid(part).commands == ["python train.py -m +grid=toy algo=raft"]  # seeds 0,1 are the grid's
+
+
 def test_axes_flag_without_multirun(tmp_path):
     root = tmp_path / "runs"
     for algo, seed in CURVES:
