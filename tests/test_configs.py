@@ -100,10 +100,19 @@ def test_experiment_allocation_variants_compose_and_allocate(option):
     [
         # the reference's runs: N' = 8, N = 8 per prompt, alpha 1e-3, beta 2, embed_tokens, pilot discarded
         ("gvm_reference", dict(pilot_samples=8, n_per_prompt=8, grad_param="embed_tokens", reuse_pilot=False)),
-        # the kit's: a reused pilot of 4, lm_head from the generator
+        # the kit's (measured in experiments/README.md): a reused pilot of 2 that all trains, a Beta(1, 1) prior,
+        # lm_head from the generator
         (
             "gvm_recommended",
-            dict(pilot_samples=4, n_per_prompt=8, grad_param="lm_head", reuse_pilot=True, grad_in_generator=True),
+            dict(
+                pilot_samples=2,
+                n_per_prompt=4,
+                min_per_prompt=2,
+                prior=[1.0, 1.0],
+                grad_param="lm_head",
+                reuse_pilot=True,
+                grad_in_generator=True,
+            ),
         ),
     ],
 )
