@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> float:
 
     from dibs.core.budget import Budget
     from dibs.data.prompts import PromptTemplate
-    from dibs.lit.assemble import prepare_policy, schedule_horizon
+    from dibs.lit.assemble import check_update_accounting, prepare_policy, rows_per_prompt, schedule_horizon
     from dibs.lit.datamodule import EMDataModule
     from dibs.lit.module import EMModule
     from dibs.lit.rollout import RolloutCallback
@@ -55,6 +55,7 @@ def main(cfg: DictConfig) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     budget = Budget.from_config(**plain(cfg.budget))  # a bad budget fails before the warm start
+    check_update_accounting(cfg.update_accounting, cfg.algo.lr_schedule)  # as does a schedule it cannot run
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     transformers.utils.logging.disable_progress_bar()  # per-save/load bars would drown the run's own
 
@@ -74,6 +75,7 @@ def main(cfg: DictConfig) -> float:
         max_prompt_tokens=cfg.max_prompt_tokens,
         eval_sampling=eval_sampling,
     )
+    allocator = instantiate(cfg.allocation)
     datamodule = EMDataModule(
         task.train,
         task.test,
@@ -82,18 +84,24 @@ def main(cfg: DictConfig) -> float:
         prompts_per_iteration=cfg.prompts_per_iteration,
         batch_size=cfg.batch_size,
         updates_per_iteration=cfg.updates_per_iteration,
+        update_accounting=cfg.update_accounting,
+        rows_per_prompt=rows_per_prompt(allocator),
         max_prompt_tokens=cfg.max_prompt_tokens,
         seed=cfg.seed,
     )
     for message in datamodule.dropped:
         log.warning("dropped over-long prompt: %s", message)
 
-    allocator = instantiate(cfg.allocation)
     horizon = schedule_horizon(
-        budget, allocator, cfg.iterations, cfg.updates_per_iteration, len(datamodule.iteration_prompts(0))
+        budget,
+        allocator,
+        cfg.iterations,
+        cfg.updates_per_iteration,
+        len(datamodule.iteration_prompts(0)),
+        update_accounting=cfg.update_accounting,
     )
     algo = plain(cfg.algo)
-    keep_rejected = algo.pop("keep_rejected")
+    e_step = {k: algo.pop(k) for k in ("keep_rejected", "recompute_old_logprobs", "filter_equal_groups")}
     module = EMModule(policy, **algo, total_updates=horizon * cfg.updates_per_iteration)
     rollout = RolloutCallback(
         instantiate(cfg.rollout.generator)(model=policy, tokenizer=tokenizer),
@@ -103,7 +111,8 @@ def main(cfg: DictConfig) -> float:
         sampling=sampling,
         eval_sampling=eval_sampling,
         eval_samples=cfg.eval_samples,
-        keep_rejected=keep_rejected,
+        loss=algo["loss"],
+        **e_step,
         export_dir=str(run_dir / "hf"),
         seed=cfg.seed,
         budget=budget,

@@ -13,6 +13,9 @@ from omegaconf import OmegaConf
 
 from dibs.conf import register_resolvers
 from dibs.core.allocation import PromptStats
+from dibs.lit.assemble import check_update_accounting
+from dibs.lit.module import EMModule
+from dibs.lit.rollout import RolloutCallback
 
 register_resolvers()
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -21,14 +24,17 @@ GROUP_OPTIONS = [(g.name, f.stem) for g in sorted(CONF.iterdir()) if g.is_dir() 
 
 
 def required(group: str, option: str, tmp_path: Path) -> list[str]:
-    """Values a user must give for the data=jsonl and model=hf options (``???`` in their YAML)."""
-    if (group, option) == ("data", "jsonl"):
+    """Values a user must give (``???`` in their YAML) where data=jsonl or model=hf is chosen, by the option
+    itself or by a preset that selects it (the paper_* ones)."""
+    cfg = compose_with([f"{group}={option}"])
+    out = []
+    if "train_path" in cfg.data.source.keys() and OmegaConf.is_missing(cfg.data.source, "train_path"):
         for name in ("train", "test"):
             (tmp_path / f"{name}.jsonl").write_text(json.dumps({"problem": "1 + 1?", "answer": "2"}) + "\n")
-        return [f"data.source.train_path={tmp_path}/train.jsonl", f"data.source.test_path={tmp_path}/test.jsonl"]
-    if (group, option) == ("model", "hf"):
-        return [f"model.path={tmp_path}/model"]
-    return []
+        out += [f"data.source.train_path={tmp_path}/train.jsonl", f"data.source.test_path={tmp_path}/test.jsonl"]
+    if OmegaConf.is_missing(cfg.model, "path"):
+        out.append(f"model.path={tmp_path}/model")
+    return out
 
 
 def compose_with(overrides: list[str]):
@@ -38,7 +44,7 @@ def compose_with(overrides: list[str]):
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
-def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
+def test_every_config_file_composes_and_instantiates(group, option, tmp_path, tiny_model):
     overrides = [f"{group}={option}", *required(group, option, tmp_path)]
     cfg = compose_with(overrides)
     cfg.run_dir = str(tmp_path)
@@ -63,6 +69,12 @@ def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
     instantiate(cfg.logger)
     trainer_cfg = instantiate(cfg.trainer)
     assert trainer_cfg["devices"] >= 1
+    check_update_accounting(cfg.update_accounting, cfg.algo.lr_schedule)
+    algo = OmegaConf.to_container(cfg.algo)
+    e_step = {k: algo.pop(k) for k in ("keep_rejected", "recompute_old_logprobs", "filter_equal_groups")}
+    module = EMModule(tiny_model, **algo)  # every algo key is a constructor argument
+    assert (module.reference is not None) == (algo["kl_coef"] > 0)
+    RolloutCallback(None, None, allocator, None, sampling=None, eval_sampling=None, loss=algo["loss"], **e_step)
 
 
 def test_group_options_were_found():
@@ -123,3 +135,46 @@ def test_gvm_presets_set_what_they_promise(preset, expected, tmp_path):
     assert {k: getattr(allocator, k) for k in expected} == expected
     assert (allocator.alpha, allocator.beta, allocator.rounding) == (1e-3, 2.0, "largest_remainder")
     assert cfg.algo.loss == "raftpp"
+
+
+PAPER = ["paper_raftpp", "paper_grpo", "paper_gvm_raftpp", "paper_gvm_grpo"]
+EMBEDDED = ["embedded_raftpp", "embedded_grpo", "embedded_gvm_raftpp", "embedded_gvm_grpo"]
+
+
+@pytest.mark.parametrize("preset", PAPER)
+def test_paper_presets_hold_the_papers_hyper_parameters(preset, tmp_path):
+    cfg = compose_with([f"experiment={preset}", *required("experiment", preset, tmp_path)])
+    algo, sampling = cfg.algo, cfg.rollout.sampling
+    assert algo.loss == ("grpo" if preset.endswith("grpo") else "raftpp")
+    # PAPER.md section 5: AdamW lr 1e-6 constant, wd 0.01, clip 1.0, T = 1.0, 3072 tokens, KL 0.001, eps 0.2
+    assert (algo.lr, algo.lr_schedule, algo.warmup_updates, algo.weight_decay) == (1e-6, "constant", 0, 0.01)
+    assert (algo.grad_clip, algo.kl_coef, algo.clip_low, algo.clip_high) == (1.0, 0.001, 0.2, 0.2)
+    assert (algo.loss_agg, algo.keep_rejected, algo.filter_equal_groups) == ("token-mean", True, False)
+    assert (
+        (sampling.temperature, sampling.max_new_tokens)
+        == (1.0, 3072)
+        == tuple(cfg.rollout.eval_sampling[k] for k in ("temperature", "max_new_tokens"))
+    )
+    assert (cfg.model.path, cfg.warmstart.steps, cfg.update_accounting) == (f"{tmp_path}/model", 0, "reference")
+    if preset.endswith("grpo"):
+        assert algo.clip_ratio_c == 3.0
+    allocator = instantiate(cfg.allocation)
+    assert allocator.budget(10) == 80  # N = 8 per prompt
+    if "gvm" in preset:  # the reference's allocation: N' = 8, alpha 1e-3, beta 2, embed_tokens, pilot discarded
+        expected = (8, 1e-3, 2.0, "embed_tokens", "sum", "largest_remainder", False)
+        got = (allocator.pilot_samples, allocator.alpha, allocator.beta, allocator.grad_param)
+        got += (allocator.grad_reduction, allocator.rounding, allocator.reuse_pilot)
+        assert got == expected
+
+
+@pytest.mark.parametrize("preset", EMBEDDED)
+def test_embedded_presets_generate_four_samples_per_prompt(preset):
+    cfg = compose_with([f"experiment={preset}"])
+    allocator = instantiate(cfg.allocation)
+    assert cfg.algo.loss == ("grpo" if preset.endswith("grpo") else "raftpp") and cfg.algo.keep_rejected
+    if "gvm" in preset:
+        # a pilot of 2, all reused since every prompt gets at least 2: 2 + (4 - 2) generated per prompt on average
+        assert (allocator.n_per_prompt, allocator.pilot_samples, allocator.min_per_prompt) == (4, 2, 2)
+        assert allocator.reuse_pilot
+    else:
+        assert (allocator.n_per_prompt, allocator.pilot_samples) == (4, 0)

@@ -18,19 +18,20 @@ from typing import Any
 import torch
 
 from dibs import __version__
-from dibs.core.allocation import Allocator
+from dibs.core.allocation import Allocator, UniformAllocator
 from dibs.core.budget import Budget
 from dibs.core.verifier import MathVerifier
 from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
 from dibs.data.synthetic import TaskSplits, corpus
 from dibs.data.tokenizer import load_tokenizer, train_tokenizer
+from dibs.lit.datamodule import UPDATE_ACCOUNTING
 from dibs.lit.logs import info, warn
 from dibs.lit.warmstart import WarmStartReport, cache_key, load_cached, sft
 from dibs.modeling import DTYPES, build_tiny_qwen2, count_parameters, load_pretrained, require_model_folder
 from dibs.rollout.base import SamplingParams
 from dibs.rollout.hf import HFGenerator
 
-__all__ = ["prepare_policy", "schedule_horizon"]
+__all__ = ["check_update_accounting", "prepare_policy", "rows_per_prompt", "schedule_horizon"]
 
 
 def prepare_policy(
@@ -138,14 +139,42 @@ def _wait_or_load(folder: Path, dtype: torch.dtype, timeout_s: float = 1800.0):
         time.sleep(2.0)
 
 
+def check_update_accounting(update_accounting: str, lr_schedule: str) -> None:
+    """Under ``update_accounting=reference`` the number of updates per iteration follows the samples drawn, so
+    a cosine schedule would have no known end: refused (the paper's schedule is constant)."""
+    if update_accounting not in UPDATE_ACCOUNTING:
+        raise ValueError(f"update_accounting={update_accounting!r} is not one of {UPDATE_ACCOUNTING}")
+    if update_accounting == "reference" and lr_schedule == "cosine":
+        raise ValueError(
+            "update_accounting=reference makes the number of optimiser updates per iteration depend on the "
+            "samples drawn, so algo.lr_schedule=cosine has no known horizon: set algo.lr_schedule=constant "
+            "(the paper's) or update_accounting=fixed"
+        )
+
+
+def rows_per_prompt(allocator: Allocator) -> int:
+    """Sequences per prompt in a mini-batch of ``update_accounting=reference``: the reference's uniform runs
+    count verl's ``ppo_mini_batch_size`` in prompts of ``rollout.n`` rows each; its GVM runs expand each of a
+    prompt's n_i samples to a row of its own (``rollout.n = 1``)."""
+    return allocator.n_per_prompt if isinstance(allocator, UniformAllocator) else 1
+
+
 def schedule_horizon(
-    budget: Budget, allocator: Allocator, iterations: int, updates_per_iteration: int, prompts: int
+    budget: Budget,
+    allocator: Allocator,
+    iterations: int,
+    updates_per_iteration: int,
+    prompts: int,
+    *,
+    update_accounting: str = "fixed",
 ) -> int:
     """Iterations the learning-rate schedule spans: ``iterations``, or fewer when a budget ends the run sooner.
 
-    Warns when the ``iterations`` cap will stop a run before it spends its budget.
+    Warns when the ``iterations`` cap will stop a run before it spends its budget. Under
+    ``update_accounting=reference`` only a constant schedule runs (``check_update_accounting``), which reads no
+    horizon, and the updates an iteration makes are not known beforehand: ``iterations``.
     """
-    if not budget.enabled:
+    if not budget.enabled or update_accounting == "reference":
         return iterations
     per_iteration = {
         "samples_per_iteration": allocator.pilot_samples * prompts + allocator.budget(prompts),

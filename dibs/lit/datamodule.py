@@ -3,55 +3,90 @@
 Every rank draws the same global prompt subset (seeded by the iteration) and keeps its own slice. The
 rollout callback fills in the trajectories before the epoch starts: in the previous epoch's
 ``on_train_epoch_end``, or through ``rollout_fn`` when ``train_dataloader()`` finds them missing (the first
-epoch, a resumed run). The loader yields exactly ``updates_per_iteration`` batches, whatever the
-number of samples, so every method gets the same number of optimiser updates per iteration.
+epoch, a resumed run). One batch = one optimiser update. ``update_accounting``:
+
+- ``fixed`` (default): exactly ``updates_per_iteration`` batches of ``batch_size`` sequences, whatever the
+  number of samples, so every method gets the same number of optimiser updates per iteration.
+- ``reference``: one pass over the iteration's training samples in mini-batches of ``batch_size ×
+  rows_per_prompt`` sequences per rank, as the reference's verl runs (``ppo_mini_batch_size`` prompts ×
+  ``rollout.n`` rows); the number of updates follows the number of samples (PAPER.md section 8, weakness 2).
+  Every rank runs the same number, ceil(all ranks' samples / (mini-batch × ranks)), each cutting its own
+  samples into that many near-equal batches.
+
+A rank left without a sample for a batch (it has none to train on, or fewer than the updates) gets a
+placeholder: one dummy row whose ``row_mask`` and ``response_mask`` are 0, so it runs the forward and backward
+the other ranks' collectives wait for and adds nothing to the loss or its normaliser.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from transformers import PreTrainedTokenizerBase
 
 from dibs.core.batching import pad_right
 from dibs.data.prompts import PromptTemplate, encode_prompts
 from dibs.data.records import Problem
 
-__all__ = ["Trajectory", "collate_trajectories", "EMDataModule"]
+__all__ = ["UPDATE_ACCOUNTING", "Trajectory", "collate_trajectories", "EMDataModule"]
+
+
+UPDATE_ACCOUNTING = ("fixed", "reference")
 
 
 @dataclass(frozen=True)
 class Trajectory:
     prompt_ids: torch.Tensor  # [Lp] int64
     response_ids: torch.Tensor  # [T] int64
-    old_logprobs: torch.Tensor  # [T] float32, log π_old of each response token
+    old_logprobs: torch.Tensor  # [T] float32, log π_old of each response token (trainer's or sampler's)
     advantage: float
     reward: float
+    group: int  # the prompt's index in the train pool: GRPO's group
+    sampler_logprobs: torch.Tensor | None = None  # [T] float32, the generator's log-probs
+    ref_logprobs: torch.Tensor | None = None  # [T] float32, the frozen reference's (KL), when kept
+
+
+def _placeholder(pad_id: int) -> Trajectory:
+    one = torch.tensor([pad_id])
+    return Trajectory(one, one, torch.zeros(1), 0.0, 0.0, -1, None, torch.zeros(1))
 
 
 def collate_trajectories(items: Sequence[Trajectory], pad_id: int, skip: bool = False) -> dict[str, Any]:
-    """Right-padded prompt+response rows; response-aligned tensors are shifted to the [B, L−1] targets."""
+    """Right-padded prompt+response rows; response-aligned tensors are shifted to the [B, L−1] targets.
+    No items: one placeholder row of weight 0 (``row_mask`` 0, see the module docstring)."""
+    real = len(items) > 0
+    items = items if real else [_placeholder(pad_id)]
     ids, mask = pad_right([torch.cat([t.prompt_ids, t.response_ids]) for t in items], pad_id)  # [B, L]
     response_mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)  # [B, L-1]
     old_logprobs = torch.zeros(ids.shape[0], ids.shape[1] - 1)  # [B, L-1]
+    with_ref = all(t.ref_logprobs is not None for t in items)
+    ref_logprobs = torch.zeros(ids.shape[0], ids.shape[1] - 1)  # [B, L-1]
     for row, t in enumerate(items):
-        start = len(t.prompt_ids) - 1  # target column of the first response token
-        response_mask[row, start : start + len(t.response_ids)] = 1.0
-        old_logprobs[row, start : start + len(t.response_ids)] = t.old_logprobs
-    advantages = torch.tensor([t.advantage for t in items], dtype=torch.float32)  # [B]
-    return {
+        cols = slice(len(t.prompt_ids) - 1, len(t.prompt_ids) - 1 + len(t.response_ids))  # response targets
+        response_mask[row, cols] = float(real)
+        old_logprobs[row, cols] = t.old_logprobs
+        if with_ref:
+            ref_logprobs[row, cols] = t.ref_logprobs
+    batch = {
         "input_ids": ids,
         "attention_mask": mask,
         "response_mask": response_mask,
         "old_logprobs": old_logprobs,
-        "advantages": advantages,
+        "advantages": torch.tensor([t.advantage for t in items], dtype=torch.float32),  # [B]
+        "rewards": torch.tensor([t.reward for t in items], dtype=torch.float32),  # [B]
+        "group": torch.tensor([t.group for t in items], dtype=torch.long),  # [B]
+        "row_mask": torch.full((len(items),), float(real)),  # [B] 1: a training sample, 0: a placeholder
         "skip": skip,
     }
+    if with_ref:
+        batch["ref_logprobs"] = ref_logprobs
+    return batch
 
 
 class EMDataModule(L.LightningDataModule):
@@ -65,10 +100,14 @@ class EMDataModule(L.LightningDataModule):
         prompts_per_iteration: int,
         batch_size: int,
         updates_per_iteration: int,
+        update_accounting: str = "fixed",
+        rows_per_prompt: int = 1,
         max_prompt_tokens: int = 512,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if update_accounting not in UPDATE_ACCOUNTING:
+            raise ValueError(f"update_accounting={update_accounting!r} is not one of {UPDATE_ACCOUNTING}")
         self.train_problems, self.train_prompts, dropped = encode_prompts(
             train, tokenizer, template, max_prompt_tokens=max_prompt_tokens
         )
@@ -82,10 +121,13 @@ class EMDataModule(L.LightningDataModule):
         self.prompts_per_iteration = prompts_per_iteration
         self.batch_size = batch_size
         self.updates_per_iteration = updates_per_iteration
+        self.update_accounting = update_accounting
+        self.rows_per_update = batch_size * (rows_per_prompt if update_accounting == "reference" else 1)
         self.seed = seed
         self.iteration = -1  # the iteration whose trajectories are held
         self.trajectories: list[Trajectory] = []
         self.skip_updates = False
+        self.updates = updates_per_iteration  # optimiser updates (batches) of the held iteration
         self.rollout_fn: Callable[[int], None] | None = None  # set by the rollout callback: runs an E-step
 
     def iteration_prompts(self, iteration: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -98,37 +140,56 @@ class EMDataModule(L.LightningDataModule):
     def test_shard(self, rank: int = 0, world_size: int = 1) -> list[int]:
         return list(range(len(self.test_problems)))[rank::world_size]
 
-    def set_trajectories(self, iteration: int, trajectories: list[Trajectory], skip_updates: bool) -> None:
-        if not trajectories:
-            raise ValueError(f"iteration {iteration}: no trajectory to train on (no sample was generated)")
+    def set_trajectories(
+        self,
+        iteration: int,
+        trajectories: list[Trajectory],
+        skip_updates: bool,
+        *,
+        total_samples: int | None = None,
+        world_size: int = 1,
+    ) -> None:
+        """This rank's training samples (may be empty); ``total_samples``: all ranks' (None: this rank's)."""
+        total = len(trajectories) if total_samples is None else total_samples
+        if self.update_accounting == "reference":
+            self.updates = max(1, math.ceil(total / (self.rows_per_update * world_size)))
+        else:
+            self.updates = self.updates_per_iteration
         self.iteration, self.trajectories, self.skip_updates = iteration, trajectories, skip_updates
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else self.iteration
         if self.iteration != epoch and self.rollout_fn is not None:
             self.rollout_fn(epoch)  # first epoch, or a resumed run whose checkpoint lacks this epoch's rollouts
-        if not self.trajectories:
+        if self.iteration < 0:
             raise RuntimeError("train_dataloader() called before an E-step filled the trajectories")
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.iteration)
-        # Without replacement; cycles through fresh permutations when updates × batch > samples.
-        sampler = RandomSampler(
-            self.trajectories, num_samples=self.updates_per_iteration * self.batch_size, generator=generator
-        )
         return DataLoader(
             self.trajectories,
-            batch_size=self.batch_size,
-            sampler=sampler,  # type: ignore[arg-type]
+            batch_sampler=self._batches(),
             collate_fn=lambda items: collate_trajectories(items, self.pad_id, self.skip_updates),
         )
+
+    def _batches(self) -> list[list[int]]:
+        """Indices of the trajectories in each of the iteration's ``updates`` batches ([] → placeholder)."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.iteration)
+        if self.update_accounting == "reference":  # one pass, near-equal consecutive chunks of a permutation
+            order = torch.randperm(len(self.trajectories), generator=generator)
+            return [chunk.tolist() for chunk in torch.tensor_split(order, self.updates)]
+        if not self.trajectories:
+            return [[] for _ in range(self.updates)]
+        # Without replacement; cycles through fresh permutations when updates × batch > samples.
+        sampler = RandomSampler(self.trajectories, num_samples=self.updates * self.batch_size, generator=generator)
+        return list(BatchSampler(sampler, self.batch_size, drop_last=False))
 
     def state_dict(self) -> dict[str, Any]:
         # Plain dicts of tensors: checkpoints stay loadable with torch.load(weights_only=True).
         return {
             "iteration": self.iteration,
             "skip_updates": self.skip_updates,
+            "updates": self.updates,
             "trajectories": [dict(t.__dict__) for t in self.trajectories],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration, self.skip_updates = state["iteration"], state["skip_updates"]
+        self.iteration, self.skip_updates, self.updates = state["iteration"], state["skip_updates"], state["updates"]
         self.trajectories = [Trajectory(**t) for t in state["trajectories"]]

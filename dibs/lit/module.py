@@ -1,15 +1,25 @@
 """EMModule: the M-step. The loss math lives in dibs.core.losses; this class moves tensors and logs.
 
-Optimisation is manual: an iteration in which no sample was accepted anywhere skips its updates on every rank
-(Lightning refuses a skipped automatic step in distributed runs, and a zero-gradient AdamW step would still
-move the weights through momentum and weight decay).
+Optimisation is manual: an iteration in which no training sample has a non-zero advantage anywhere skips its
+updates on every rank (Lightning refuses a skipped automatic step in distributed runs, and a zero-gradient
+AdamW step would still move the weights through momentum and weight decay).
 
-Under ``ModelParallelStrategy`` the policy is sharded with FSDP2 (``fully_shard`` on every decoder layer,
-then the root) in ``configure_model``; under DDP or a single device it is used as is.
+One batch = one optimiser update. It runs in micro-batches of ``micro_batch_size`` rows (gradient
+accumulation) whose losses are normalised by the WHOLE update's denominator, summed over micro-batches and
+ranks (``dibs.core.losses.loss_denominator``), so the update does not depend on how the batch is cut nor on
+how the samples are spread over ranks: a rank with few or no samples no longer scales the others' gradient.
+DDP and FSDP2 average gradients over the W ranks, so each rank's loss is multiplied by W.
+
+With ``kl_coef`` > 0 a frozen copy of π0 (the policy as given, before any sharding) is kept as the KL
+reference; the optimiser never sees it. Under ``ModelParallelStrategy`` the policy and the reference are
+sharded with FSDP2 (``fully_shard`` on every decoder layer, then the root) in ``configure_model``; under DDP
+or a single device they are used as is.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from functools import partial
 from typing import Any
 
@@ -19,10 +29,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from dibs.core.logprobs import sequence_logprobs
-from dibs.core.losses import LOSSES
+from dibs.core.losses import AGG_MODES, LOSSES, loss_denominator
 from dibs.core.schedules import warmup_cosine
 
 __all__ = ["EMModule"]
+
+_ROW_KEYS = ("advantages", "rewards", "group", "row_mask")  # [B]
+_SEQ_KEYS = ("input_ids", "attention_mask")  # [B, L]
+_TARGET_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [B, L-1]
 
 
 class EMModule(L.LightningModule):
@@ -33,6 +47,10 @@ class EMModule(L.LightningModule):
         loss: str = "raftpp",
         clip_low: float = 0.2,
         clip_high: float = 0.2,
+        clip_ratio_c: float = 3.0,
+        kl_coef: float = 0.0,
+        loss_agg: str = "token-mean",
+        micro_batch_size: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -49,46 +67,141 @@ class EMModule(L.LightningModule):
             raise ValueError(f"algo.lr_schedule={lr_schedule!r} is not 'constant' or 'cosine'")
         if loss not in LOSSES:
             raise ValueError(f"algo.loss={loss!r} is not one of {sorted(LOSSES)}")
+        if loss_agg not in AGG_MODES:
+            raise ValueError(f"algo.loss_agg={loss_agg!r} is not one of {AGG_MODES}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"algo.micro_batch_size={micro_batch_size} must be >= 1, or null for the whole batch")
+        if kl_coef < 0:
+            raise ValueError(f"algo.kl_coef={kl_coef} must be >= 0 (0: no KL to the reference)")
+        if clip_ratio_c <= 1:
+            raise ValueError(f"algo.clip_ratio_c={clip_ratio_c} must be > 1 (the dual clip's lower bound is 1)")
         self.save_hyperparameters(ignore=["policy"])
         self.policy = policy.train()  # π0 may arrive in eval mode from the warm-start cache
-        self.loss_fn = (
-            partial(LOSSES[loss], clip_low=clip_low, clip_high=clip_high) if loss == "raftpp" else LOSSES[loss]
-        )
+        self.reference = copy.deepcopy(policy).eval().requires_grad_(False) if kl_coef > 0 else None
+        options = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=loss_agg)
+        accepted = inspect.signature(LOSSES[loss]).parameters  # each loss takes the options it knows
+        self.loss_fn = partial(LOSSES[loss], **{k: v for k, v in options.items() if k in accepted})
 
     def configure_model(self) -> None:
         if self.device_mesh is None or getattr(self.policy, "_dibs_sharded", False):
             return  # not under ModelParallelStrategy, or already sharded
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.policy.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.policy, mesh=mesh)
+        for model in (self.policy, self.reference):
+            if model is not None:
+                for layer in model.model.layers:
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
         self.policy._dibs_sharded = True
+
+    def train(self, mode: bool = True) -> EMModule:
+        super().train(mode)
+        if self.reference is not None:  # Lightning sets the whole module to train mode; the reference stays frozen
+            self.reference.eval()
+        return self
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def _reference_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs [B, L-1] of the policy and of the reference (None without KL): the E-step's old and
+        reference log-probs, by the same ``sequence_logprobs`` as ``training_step``, so the ratio of the
+        first update is 1. A collective under FSDP2: every rank must call it as often."""
+        temperature = self.hparams.temperature
+        logp = sequence_logprobs(self._forward, input_ids, attention_mask, temperature)
+        if self.reference is None:
+            return logp, None
+        return logp, sequence_logprobs(self._reference_forward, input_ids, attention_mask, temperature)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if batch["skip"]:  # globally nothing accepted: no update (decided identically on every rank)
+        if batch["skip"]:  # no training sample has a non-zero advantage anywhere (decided alike on every rank)
             self.lr_schedulers().step()  # the schedule still counts the update slot, so it ends where planned
             return None
         optimizer = self.optimizers()
-        logp = sequence_logprobs(
-            self._forward, batch["input_ids"], batch["attention_mask"], self.hparams.temperature
-        )  # [B, L-1]
-        out = self.loss_fn(logp, batch["old_logprobs"], batch["response_mask"], batch["advantages"])
-        metrics = {f"train/{k}": v for k, v in out.metrics.items()}
-        metrics["train/loss"] = out.loss.detach()
-        metrics["train/accepted_frac"] = (batch["advantages"] > 0).float().mean()
+        micro, denom, world = self._plan(batch)
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(out.loss)
+        total = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}  # metric · response tokens, summed over micro-batches
+        for mb in micro:
+            logp = sequence_logprobs(
+                self._forward, mb["input_ids"], mb["attention_mask"], self.hparams.temperature
+            )  # [b, l-1]
+            out = self.loss_fn(
+                logp,
+                mb["old_logprobs"],
+                mb["response_mask"],
+                mb["advantages"],
+                denom=denom,
+                ref_logp=self._ref_logprobs(mb),
+                kl_coef=self.hparams.kl_coef,
+            )
+            loss = out.loss * world  # DDP / FSDP2 average the gradients over ranks
+            self.manual_backward(loss)
+            total += loss.detach()
+            tokens = mb["response_mask"].sum()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * tokens
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)  # DTensor-aware under FSDP2
-        metrics["train/grad_norm"] = norm.full_tensor() if isinstance(norm, DTensor) else norm
         optimizer.step()
         self.lr_schedulers().step()
-        metrics["train/lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
+        self._log_update(batch, sums, total, norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        return total
+
+    def _log_update(
+        self, batch: dict[str, Any], sums: dict[str, torch.Tensor], loss: torch.Tensor, grad_norm: torch.Tensor
+    ) -> None:
+        """This rank's view of the update: the loss metrics token-weighted over its micro-batches (none when it
+        held only placeholders), the loss it back-propagated, the global gradient norm and the learning rate."""
+        tokens, rows = batch["response_mask"].sum(), batch["row_mask"].sum()
+        metrics = {f"train/{k}": v / tokens for k, v in sums.items()} if tokens > 0 else {}
+        if rows > 0:
+            metrics["train/accepted_frac"] = ((batch["rewards"] > 0.5).float() * batch["row_mask"]).sum() / rows
+        metrics["train/loss"] = loss
+        metrics["train/grad_norm"] = grad_norm
+        metrics["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         self.log_dict(metrics, on_step=True, batch_size=len(batch["advantages"]), sync_dist=False)
-        return out.loss.detach()
+
+    def _ref_logprobs(self, mb: dict[str, Any]) -> torch.Tensor | None:
+        if self.hparams.kl_coef <= 0:
+            return None
+        if "ref_logprobs" not in mb:
+            raise RuntimeError("algo.kl_coef > 0 but the batch holds no reference log-probs (ref_logprobs)")
+        return mb["ref_logprobs"]
+
+    def _plan(self, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], torch.Tensor, int]:
+        """The micro-batches this rank runs, the update's loss denominator over all ranks, and the world size.
+
+        One all-reduce gives both the global denominator and the largest micro-batch count: FSDP2 forwards and
+        DDP backwards are collectives, so ranks with fewer micro-batches run zero-weight dummy ones."""
+        rows = len(batch["advantages"])
+        size = self.hparams.micro_batch_size or rows
+        micro = [self._slice(batch, slice(start, start + size)) for start in range(0, rows, size)]
+        real = batch["row_mask"] > 0  # [B] placeholders count neither as tokens nor as sequences
+        local = loss_denominator(batch["response_mask"][real], self.hparams.loss_agg)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        stats = torch.zeros(1 + world, dtype=torch.float64, device=self.device)
+        stats[0], stats[1 + rank] = local, len(micro)
+        if world > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        for _ in range(int(stats[1:].max()) - len(micro)):
+            dummy = self._slice(batch, slice(0, 1))
+            dummy["response_mask"] = torch.zeros_like(dummy["response_mask"])
+            dummy["row_mask"] = torch.zeros_like(dummy["row_mask"])
+            micro.append(dummy)
+        return micro, stats[0].float(), world
+
+    @staticmethod
+    def _slice(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
+        """Rows of the batch, trimmed to their longest sequence (right padding: the cut columns are padding)."""
+        width = int(batch["attention_mask"][rows].sum(-1).max())
+        out: dict[str, Any] = {k: batch[k][rows] for k in _ROW_KEYS}
+        out.update({k: batch[k][rows, :width] for k in _SEQ_KEYS})  # [b, l]
+        out.update({k: batch[k][rows, : width - 1] for k in _TARGET_KEYS if k in batch})  # [b, l-1]
+        return out
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

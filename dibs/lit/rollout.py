@@ -6,8 +6,9 @@ holds its rollouts. The first E-step, and any a resumed run lacks, runs when the
 dataloader whose rollouts are missing (``EMDataModule.rollout_fn``): that is the first moment at which a
 resumed run's epoch, weights and DataModule state are all restored (``on_fit_start`` comes before the loop
 state is restored, and under FSDP strategies before the weights too).
-Each E-step: push the policy's weights into the generator, allocate n_i per prompt, sample, verify,
-turn rewards into RAFT advantages and hand the trajectories to the DataModule.
+Each E-step: push the policy's weights into the generator, allocate n_i per prompt, sample, verify, turn
+rewards into advantages by prompt group (``algo.loss``: RAFT's or GRPO's), recompute the old (and reference)
+log-probs with the training module (``dibs.lit.scoring``) and hand the training samples to the DataModule.
 
 Costs (``dibs.core.budget``): cumulative generated samples, response tokens, optimiser updates and the
 seconds spent generating, verifying and training are logged as ``cost/*`` at every evaluation, at the same
@@ -27,13 +28,12 @@ import torch
 
 from dibs.core.allocation import Allocator
 from dibs.core.budget import Budget
-from dibs.core.losses import raft_advantages
 from dibs.core.verifier import STATUSES, VerifyResult
-from dibs.lit.datamodule import Trajectory
 from dibs.lit.diagnostics import allocation_metrics, log_allocation_images
 from dibs.lit.estimates import PilotStats, to_global
 from dibs.lit.evaluation import EvalResult, evaluate, format_summary, reduce_sum
 from dibs.lit.logs import info, warn
+from dibs.lit.scoring import ADVANTAGES, build_trajectories, score_trajectories, select_training
 from dibs.lit.weights import full_state_dict
 from dibs.rollout.base import Completion, Generator, SamplingParams
 
@@ -51,14 +51,26 @@ class RolloutCallback(L.Callback):
         sampling: SamplingParams,
         eval_sampling: SamplingParams,
         eval_samples: int = 4,
+        loss: str = "raftpp",
         keep_rejected: bool = True,
+        recompute_old_logprobs: bool = True,
+        filter_equal_groups: bool = False,
         text_samples: int = 3,
         export_dir: str | None = None,
         seed: int = 0,
         budget: Budget | None = None,
         grad_token_budget: int = 16384,
     ) -> None:
+        if loss not in ADVANTAGES:
+            raise ValueError(f"algo.loss={loss!r} is not one of {sorted(ADVANTAGES)}")
+        if loss in ("grpo", "drgrpo") and not keep_rejected:
+            raise ValueError(
+                f"algo.keep_rejected=false with algo.loss={loss}: GRPO's negative advantages live on the rejected "
+                "samples, so they are always kept; set algo.keep_rejected=true"
+            )
         self.generator, self.verifier, self.allocator, self.tokenizer = generator, verifier, allocator, tokenizer
+        self.loss, self.filter_equal_groups = loss, filter_equal_groups
+        self.recompute_old_logprobs = recompute_old_logprobs
         self.sampling, self.eval_sampling, self.eval_samples = sampling, eval_sampling, eval_samples
         self.keep_rejected, self.text_samples, self.export_dir, self.seed = (
             keep_rejected,
@@ -216,24 +228,25 @@ class RolloutCallback(L.Callback):
             trainer,
             np.array([gen_samples, gen_tokens, len(pilot_flat), sum(len(c.token_ids) for c in pilot_flat)], np.float64),
         )
-        advantages = raft_advantages(torch.as_tensor(result.rewards)).tolist()
-        trajectories = [
-            Trajectory(torch.as_tensor(dm.train_prompts[i]), c.token_ids, c.logprobs, a, float(r))
-            for (i, c), a, r in zip(flat, advantages, result.rewards)
-        ]
-        accepted = [t for t in trajectories if t.advantage > 0]
+        trajectories, equal = build_trajectories(dm.train_prompts, flat, result.rewards, self.loss)
+        train, train_counts = select_training(
+            trajectories, equal, keep_rejected=self.keep_rejected, filter_equal_groups=self.filter_equal_groups
+        )
         counts = result.counts()
         local = np.array(
             [
                 len(flat),
                 sum(len(c.token_ids) for _, c in flat),
-                len(accepted),
+                int((result.rewards > 0.5).sum()),
                 sum(c.finish_reason == "length" for _, c in flat),
+                *train_counts,
             ]
             + [counts[s] for s in STATUSES]
         )
         total = reduce_sum(trainer, local.astype(np.float64))
-        samples, tokens, n_accepted, truncated = (int(x) for x in total[:4])
+        samples, tokens, n_accepted, truncated, n_train, n_signal, equal_groups, equal_samples = (
+            int(x) for x in total[:8]
+        )
         gen_samples, gen_tokens, pilot_samples, pilot_tokens = (int(x) for x in cost)
         if stats is not None:
             fresh_hits = sum(sum(r > 0.5 for r in group) for group in rewards2)
@@ -241,13 +254,25 @@ class RolloutCallback(L.Callback):
             realised = reduce_sum(trainer, np.array([predicted, fresh_hits, sum(fresh)], np.float64))
             self._log(trainer, allocation_metrics(self.allocator, stats, global_n, realised))
             log_allocation_images(trainer, stats, global_n, iteration)
-        skip = n_accepted == 0
+        skip = n_signal == 0  # the same global count on every rank
+        scoring: dict[str, float] = {}
         if skip:
             warn(
-                f"iteration {iteration}: no sample accepted among {samples} (acceptance rate 0): "
-                "the M-step is skipped and the run continues with the next iteration"
+                f"iteration {iteration}: no training sample has a non-zero advantage ({n_accepted} of {samples} "
+                "accepted): the M-step is skipped and the run continues with the next iteration"
             )
-        dm.set_trajectories(iteration, trajectories if self.keep_rejected or not accepted else accepted, skip)
+        elif self.recompute_old_logprobs or getattr(trainer.lightning_module, "reference", None) is not None:
+            scored_at = time.perf_counter()
+            train, scoring = score_trajectories(
+                trainer,
+                trainer.lightning_module,
+                train,
+                rows_per_forward=trainer.lightning_module.hparams.micro_batch_size or dm.rows_per_update,
+                pad_id=dm.pad_id,
+                replace_old=self.recompute_old_logprobs,
+            )
+            scoring["time/scoring_s"] = time.perf_counter() - scored_at
+        dm.set_trajectories(iteration, train, skip, total_samples=n_train, world_size=world)
         for key, value in (("samples", gen_samples), ("tokens", gen_tokens), ("accepted", n_accepted)):
             self.totals[key] += value
         self.totals["pilot_samples"] = self.totals.get("pilot_samples", 0) + pilot_samples
@@ -259,6 +284,11 @@ class RolloutCallback(L.Callback):
             "rollout/accept_rate": n_accepted / samples,
             "rollout/truncated_frac": truncated / samples,
             "rollout/mean_response_tokens": tokens / samples,
+            "rollout/train_samples": n_train,  # what the M-step trains on (keep_rejected, filter_equal_groups)
+            "rollout/equal_reward_groups": equal_groups,  # prompts whose >= 2 samples all got the same reward
+            "rollout/equal_reward_samples": equal_samples,
+            "rollout/equal_reward_frac": equal_samples / samples,  # the budget spent where GRPO's A = 0
+            "train/updates_per_iteration": 0 if skip else dm.updates,
             "rollout/samples_cum": self.totals["samples"],  # generated, pilot included
             "rollout/tokens_cum": self.totals["tokens"],
             "rollout/generated_samples": gen_samples,
@@ -278,7 +308,8 @@ class RolloutCallback(L.Callback):
             "time/grad_norms_s": self.pilot.grad_s,
             "iteration": iteration,
         }
-        metrics.update({f"reward/{s}": int(v) for s, v in zip(STATUSES, total[4:])})
+        metrics.update({f"reward/{s}": int(v) for s, v in zip(STATUSES, total[8:])})
+        metrics.update(scoring)
         self._log(trainer, metrics)
         self._log_texts(trainer, dm, flat, result, iteration)
 

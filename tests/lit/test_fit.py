@@ -1,6 +1,7 @@
 """End-to-end fits of `python train.py` in a subprocess, exactly as a user runs it: one process, 2-process
 DDP and 2-process FSDP2 (gloo on CPU). Tiny sizes; the warm start is built once and shared (cache hit)."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -35,9 +36,11 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def train(run_dir: Path, cache: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def train(
+    run_dir: Path, cache: Path, *overrides: str, timeout: int = 600, small: list[str] = SMALL
+) -> subprocess.CompletedProcess:
     warm = [] if "warmstart=none" in overrides else WARM
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"cache_dir={cache}", *SMALL, *warm, *overrides]
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"cache_dir={cache}", *small, *warm, *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -122,7 +125,8 @@ def test_sweep_and_iterations_without_accepted_samples(tmp_path, cache):
     runs = [sweep / "seed=0", sweep / "seed=1"]  # named by the swept key only, not by the fixed overrides
     logs = [(run / "train.log").read_text() for run in runs]  # each run's own log file
     for log in logs:
-        assert log.count("iteration 0: no sample accepted among 128") == 1 and "the run continues" in log
+        assert log.count("iteration 0: no training sample has a non-zero advantage (0 of 128 accepted)") == 1
+        assert "the run continues" in log
     for run in runs:
         assert "train/loss" not in scalars(run)  # no update was made
         assert len(scalars(run)["val/acc"]) == 3  # but every iteration ran and was evaluated
@@ -324,3 +328,86 @@ def test_gvm_online_and_refresh_modes_pilot_only_what_they_must(tmp_path, cache,
     else:
         assert pilot[2] < 64  # online: estimates come from earlier training samples
     assert s["cost/samples"][-1] == sum(s["rollout/generated_samples"])  # the pilot is paid for
+
+
+EMBEDDED = ["embedded_raftpp", "embedded_grpo", "embedded_gvm_raftpp", "embedded_gvm_grpo"]
+
+
+@pytest.mark.parametrize("preset", EMBEDDED)
+def test_embedded_presets_run_end_to_end_at_equal_cost(tmp_path, cache, preset):
+    run = tmp_path / "run"
+    small = [o for o in SMALL if not o.startswith("allocation.n_per_prompt")]  # the presets' best-of-4
+    train(run, cache, f"experiment={preset}", small=small)
+    s = scalars(run)
+    # every preset generates 4 samples per prompt: 16 x 4 (GVM: a pilot of 2 per prompt, all of it reused)
+    assert s["rollout/generated_samples"] == [64, 64] and s["rollout/samples"] == [64, 64]
+    assert s["pilot/samples"] == ([32, 32] if "gvm" in preset else [0, 0])
+    assert s["rollout/train_samples"] == [64, 64]  # rejected samples kept (A = 0 or negative)
+    assert s["train/updates_per_iteration"] == [2, 2] and s["cost/updates"] == [0, 2, 4]
+    # the old log-probs were recomputed by the policy the generator had just received: they agree
+    assert len(s["rollout/logprob_gap_max"]) == 2 and max(s["rollout/logprob_gap_max"]) < 1e-3
+    for k, equal in enumerate(s["rollout/equal_reward_samples"]):
+        assert s["rollout/equal_reward_frac"][k] == pytest.approx(equal / 64)
+        assert 2 * s["rollout/equal_reward_groups"][k] <= equal  # groups of >= 2 (the GVM minimum is 2)
+    if "grpo" in preset:
+        assert len(s["train/kl"]) == 4 and all(v >= 0 for v in s["train/kl"])
+        assert len(s["train/clipfrac_dual"]) == 4  # GRPO's dual clip is on
+    else:
+        assert "train/kl" not in s
+
+
+@pytest.mark.parametrize(
+    ("allocation", "mini_batch"),
+    [
+        # uniform best-of-4: batch_size 3 prompts x 4 rows = 12 sequences per update
+        (["allocation.n_per_prompt=4", "batch_size=3"], 12),
+        # GVM: each sample its own row, batch_size 5 rows per update
+        (["allocation=gvm", "allocation.n_per_prompt=4", "allocation.pilot_samples=2", "batch_size=5"], 5),
+    ],
+    ids=["uniform", "gvm"],
+)
+def test_reference_accounting_makes_one_pass_over_the_training_samples(tmp_path, cache, allocation, mini_batch):
+    run = tmp_path / "run"
+    settings = ["update_accounting=reference", "algo.lr_schedule=constant", "algo.filter_equal_groups=true"]
+    train(run, cache, "algo=grpo", "iterations=1", *settings, *allocation)
+    s = scalars(run)
+    (samples,), (equal,), (kept,) = s["rollout/samples"], s["rollout/equal_reward_samples"], s["rollout/train_samples"]
+    assert samples == 64 and kept == samples - equal > 0  # the equal-reward groups were dropped
+    updates = math.ceil(kept / mini_batch)
+    assert s["train/updates_per_iteration"] == [updates] and s["cost/updates"] == [0, updates]
+    assert len(s["train/loss"]) == updates
+
+
+def test_reference_accounting_refuses_a_cosine_schedule(tmp_path):
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "update_accounting=reference"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "update_accounting=reference makes the number of optimiser updates" in proc.stderr
+    assert "algo.lr_schedule=cosine has no known horizon: set algo.lr_schedule=constant" in proc.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
+def test_two_process_gvm_grpo_with_micro_batches_and_reference_accounting(tmp_path, cache, trainer):
+    """Ranks hold different numbers of samples (GVM), so they differ in scoring chunks, update rows and
+    micro-batches (measured once with these settings: 6 against 4 rows an update, so rank 1 runs 2 micro-batches
+    of 2 and a dummy to rank 0's 3): the dummy forwards and the sharded KL reference keep the collectives in step,
+    or the run would hang."""
+    run = tmp_path / "run"
+    train(
+        run,
+        cache,
+        f"trainer={trainer}",
+        "trainer.devices=2",
+        "experiment=embedded_gvm_grpo",
+        "algo.micro_batch_size=2",
+        "update_accounting=reference",
+        "algo.lr_schedule=constant",
+        "batch_size=5",
+    )
+    s = scalars(run)
+    assert s["rollout/generated_samples"] == [16 * 8, 16 * 8]  # SMALL's n_per_prompt=8, pilot 2 reused
+    updates = [math.ceil(n / (5 * 2)) for n in s["rollout/train_samples"]]  # 5 rows per rank and update
+    assert s["train/updates_per_iteration"] == updates and s["cost/updates"][-1] == sum(updates)
+    assert max(s["rollout/logprob_gap_max"]) < 1e-3 and all(v == v for v in s["train/grad_norm"])
+    assert len(s["train/kl"]) == sum(updates)
