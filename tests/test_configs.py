@@ -175,6 +175,6 @@ def test_embedded_presets_generate_four_samples_per_prompt(preset):
     if "gvm" in preset:
         # a pilot of 2, all reused since every prompt gets at least 2: 2 + (4 - 2) generated per prompt on average
         assert (allocator.n_per_prompt, allocator.pilot_samples, allocator.min_per_prompt) == (4, 2, 2)
-        assert allocator.reuse_pilot
+        assert allocator.reuse_pilot and list(allocator.prior) == [1.0, 1.0]  # the kit's recommended allocation
     else:
         assert (allocator.n_per_prompt, allocator.pilot_samples) == (4, 0)
