@@ -88,10 +88,18 @@ def test_every_grid_composes_and_names_existing_axes(grid, tmp_path):
     axes = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
     assert axes == OmegaConf.to_container(cfg.grid.axes) and "seed" in axes
     default = compose_with([])
+    options = {}  # conf/ and the grids' search path, experiments/ (e.g. experiments/allocation/uniform8.yaml)
+    for root in (CONF, CONF.parent / "experiments"):
+        for path in root.glob("*/*.yaml"):
+            options.setdefault(path.parent.name, set()).add(path.stem)
     for key in axes:  # an axis is a config group or an existing key: a typo would sweep nothing
-        assert OmegaConf.select(default, key.lstrip("+~"), default="<absent>") != "<absent>", key
         (override,) = OverridesParser.create().parse_overrides([f"{key}={axes[key]}"])
         assert override.is_sweep_override(), f"{grid}: axis {key} sweeps nothing ({axes[key]!r})"
+        if key.lstrip("+~") in options:  # a group (e.g. experiment, null by default): every value an option
+            missing = set(override.sweep_string_iterator()) - options[key.lstrip("+~")]
+            assert not missing, f"{grid}: {key} has no option {sorted(missing)}"
+        else:
+            assert OmegaConf.select(default, key.lstrip("+~"), default="<absent>") != "<absent>", key
     assert sum(v is not None for v in cfg.budget.values()) == 1, "a grid compares methods at equal cost"
 
 
