@@ -64,6 +64,7 @@ class Grid:
     runs: list[Run]
     configurations: list[str]
     by_config: dict[str, list[Run]]
+    preset_keys: dict[str, list[str]] = field(default_factory=dict)  # keys a preset axis (experiment=) sets
 
     @property
     def seeds(self) -> list[Any]:
@@ -219,14 +220,27 @@ def _comparable(run: Run) -> dict[str, Any]:
     return out
 
 
-def _check_equal_settings(runs: list[Run], axes: list[str]) -> None:
+def _check_equal_settings(runs: list[Run], axes: list[str]) -> dict[str, list[str]]:
+    """Refuse runs that differ in a setting no axis explains. An axis that is no key of the configs (a preset
+    group of the global package, e.g. ``experiment``) explains the keys that differ between its values but are
+    constant within each configuration; returns those keys per such axis, for the report to list."""
     flats = [_comparable(run) for run in runs]
     keys = sorted({key for flat in flats for key in flat})
-    unexplained = []
+    presets = [
+        a for a in axes if a != SEED_AXIS and not any(k == a or k.startswith(a + ".") for flat in flats for k in flat)
+    ]
+    configs = [tuple(format_value(run.axis_values[a]) for a in axes if a != SEED_AXIS) for run in runs]
+    unexplained, by_preset = [], {a: [] for a in presets}
     for key in keys:
         values = [flat.get(key, _ABSENT) for flat in flats]
         other = next((i for i, v in enumerate(values) if v != values[0]), None)
         if other is None or any(key == axis or key.startswith(axis + ".") for axis in axes):
+            continue
+        within = {}
+        constant = all(within.setdefault(c, v) == v for c, v in zip(configs, values))
+        if presets and constant:
+            for axis in presets:
+                by_preset[axis].append(key)
             continue
         unexplained.append(f"'{key}': {runs[0].name} has {values[0]!r}, {runs[other].name} has {values[other]!r}")
     if unexplained:
@@ -236,6 +250,7 @@ def _check_equal_settings(runs: list[Run], axes: list[str]) -> None:
             f"the runs differ in settings that are not declared axes (axes: {', '.join(axes) or 'none'}):\n  {shown}\n"
             "Either add the key as an axis (--axes, or sweep it in the grid) or report those runs separately."
         )
+    return by_preset
 
 
 def _axis_values(run: Run, axes: list[str]) -> dict[str, Any]:
@@ -298,12 +313,13 @@ def load_grid(grid_dir: str | Path, axes: list[str] | None = None) -> Grid:
             raise ReportError(f"{path / RUN_FILE}: expected a mapping, got {type(config).__name__}")
         name = str(path.relative_to(root)) if path != root else path.name
         runs.append(Run(path=path, name=name, config=config, flat=flatten(config)))
-    _check_equal_settings(runs, axes)
+    for run in runs:
+        run.axis_values = _axis_values(run, axes)
+    preset_keys = _check_equal_settings(runs, axes)
 
     config_axes = [a for a in axes if a != SEED_AXIS]
     seen: dict[tuple[str, ...], Run] = {}
     for run in runs:
-        run.axis_values = _axis_values(run, axes)
         point = tuple(format_value(run.axis_values[a]) for a in axes)
         if point in seen:
             raise ReportError(
@@ -337,4 +353,5 @@ def load_grid(grid_dir: str | Path, axes: list[str] | None = None) -> Grid:
         runs=ordered,
         configurations=list(by_config),
         by_config=by_config,
+        preset_keys=preset_keys,
     )

@@ -137,6 +137,9 @@ def _header(grid: Grid, data: dict[str, Any]) -> list[str]:
         f"({', '.join(str(s) for s in seeds)})",
         f"- Declared axes: {', '.join(f'`{a}`' for a in grid.axes) or 'none'} (from {grid.axes_source})",
     ]
+    for axis, keys in grid.preset_keys.items():
+        listed = ", ".join(f"`{k}`" for k in keys) or "nothing"
+        lines.append(f"- Set by the `{axis}` axis (a preset), constant within each configuration: {listed}")
     for command, path in zip(grid.commands, grid.multiruns):
         where = f" (sweep `{path.parent.relative_to(grid.root)}`)" if len(grid.commands) > 1 else ""
         lines.append(f"- Reproduce: `{command}`{where}")

@@ -601,6 +601,34 @@ def test_reproduce_command_covers_a_folder_completed_by_several_launches(tmp_pat
     assert load_grid(part).commands == ["python train.py -m +grid=toy algo=raft"]  # seeds 0,1 are the grid's
 
 
+def preset_grid(root: Path, **changes_of) -> Path:
+    """A grid swept over presets (``experiment=``, a group of the global package: no key of the config): the
+    preset p_raft sets algo.loss=raft and algo.lr=0.001, p_raftpp the RAFT++ ones."""
+    write_multirun(root, ["experiment=p_raft,p_raftpp", "seed=0,1"], params="{}")
+    for algo, seed in CURVES:
+        preset = f"p_{algo}"
+        changes = changes_of.get(f"{preset},{seed}", {})
+        write_run(
+            root, algo, seed, name=f"experiment={preset},seed={seed}", overrides=[f"experiment={preset}", f"seed={seed}"],
+            **changes,
+        )
+    return root
+
+
+def test_a_preset_axis_explains_what_its_presets_set(tmp_path):
+    grid = load_grid(preset_grid(tmp_path / "grid"))
+    assert grid.configurations == ["experiment=p_raft", "experiment=p_raftpp"]
+    assert grid.preset_keys == {"experiment": ["algo.loss", "algo.lr"]}
+    text = build_report(tmp_path / "grid", baseline="experiment=p_raft").read_text()
+    assert "- Set by the `experiment` axis (a preset), constant within each configuration: `algo.loss`, `algo.lr`" in text
+
+
+def test_a_preset_axis_does_not_explain_a_difference_within_a_configuration(tmp_path):
+    root = preset_grid(tmp_path / "grid", **{"p_raft,1": {"batch_size": 8}})  # one seed of p_raft differs
+    with pytest.raises(ReportError, match=r"'batch_size': .* has 4, experiment=p_raft,seed=1 has 8"):
+        load_grid(root)
+
+
 def test_axes_flag_without_multirun(tmp_path):
     root = tmp_path / "runs"
     for algo, seed in CURVES:
