@@ -389,10 +389,9 @@ def test_reference_accounting_refuses_a_cosine_schedule(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
 def test_two_process_gvm_grpo_with_micro_batches_and_reference_accounting(tmp_path, cache, trainer):
-    """Ranks hold different numbers of samples (GVM), so they differ in scoring chunks, update rows and
-    micro-batches (measured once with these settings: 6 against 4 rows an update, so rank 1 runs 2 micro-batches
-    of 2 and a dummy to rank 0's 3): the dummy forwards and the sharded KL reference keep the collectives in step,
-    or the run would hang."""
+    """Ranks hold different numbers of samples (GVM gives their prompts different n_i), so they can differ in
+    scoring chunks, update rows and micro-batches: the dummy forwards and the sharded KL reference keep the
+    collectives in step, or the run would hang."""
     run = tmp_path / "run"
     train(
         run,
