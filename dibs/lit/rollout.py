@@ -14,6 +14,10 @@ Costs (``dibs.core.budget``): cumulative generated samples, response tokens, opt
 seconds spent generating, verifying and training are logged as ``cost/*`` at every evaluation, at the same
 step as ``val/*``, so accuracy can be plotted against any of them. With a budget, the run stops after the
 iteration whose generation reached it.
+
+The module runs past 350 lines because ``_e_step`` is one sequence (pilot, allocation, stage 2, verification,
+scoring, costs, metrics) whose intermediate counts feed the logged metrics; the parts that stand alone live in
+``dibs.lit.estimates``, ``dibs.lit.scoring`` and ``dibs.lit.diagnostics``.
 """
 
 from __future__ import annotations
