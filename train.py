@@ -34,15 +34,12 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(f"grid {cfg.grid.name!r} sweeps several runs: launch it with `python train.py -m +grid=...`")
     run_dir = Path(cfg.run_dir)
     launched = any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))  # not the first
-    if (run_dir / "resolved_config.yaml").exists() and cfg.ckpt_path is None and not launched:
-        raise SystemExit(
-            f"{run_dir} already holds a run: resume it with ckpt_path={run_dir}/checkpoints/last.ckpt or write "
-            "to another folder (two runs in one folder would mix their logs)"
-        )
+    resume = _resume_point(cfg, run_dir, launched)  # a finished run, a bad path or an untrusted checkpoint: now
+    if resume == "finished":
+        return float("nan")
     import lightning as L
     import transformers
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from dibs.core.budget import Budget
     from dibs.data.benchmarks import check_benchmarks
@@ -55,6 +52,7 @@ def main(cfg: DictConfig) -> float:
         rows_per_prompt,
         schedule_horizon,
     )
+    from dibs.lit.checkpoints import IterationCheckpoint
     from dibs.lit.datamodule import EMDataModule
     from dibs.lit.module import EMModule
     from dibs.lit.rollout import RolloutCallback
@@ -149,9 +147,15 @@ def main(cfg: DictConfig) -> float:
         seed=cfg.seed,
         budget=budget,
     )
-    # last.ckpt after every iteration, holding the next iteration's rollouts: a run killed at any point resumes
-    # from the last finished iteration with `ckpt_path=<run_dir>/checkpoints/last.ckpt`.
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    # last.ckpt after the first E-step, every iteration (holding the next iteration's rollouts) and every
+    # checkpoint.every_updates updates: a run killed at any moment resumes with `ckpt_path=last`.
+    checkpoint = IterationCheckpoint(
+        run_dir / "checkpoints",
+        run_dir,
+        every_updates=cfg.checkpoint.every_updates,
+        keep=cfg.checkpoint.keep,
+        rollout=rollout,
+    )
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(_flatten(plain(cfg)))
     trainer = L.Trainer(
@@ -166,10 +170,67 @@ def main(cfg: DictConfig) -> float:
         default_root_dir=run_dir,
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     finally:
         rollout.verifier.close()
     return rollout.evals[-1].accuracy if rollout.evals else float("nan")
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> str | None:
+    """The checkpoint to resume from (None: a fresh start), or "finished" when the run has nothing left to do.
+
+    ``ckpt_path=last`` resumes this run folder from its ``checkpoints/last.ckpt`` (a fresh start in the folder when
+    the run was killed before its first checkpoint); any other value must name a checkpoint. Everything is checked
+    here, before the warm start."""
+    from dibs.core.budget import Budget
+    from dibs.lit.checkpoints import LAST, UntrustedCheckpoint, check_trusted, read_info, remove_unfinished, rewind_event_files
+
+    occupied = (run_dir / "resolved_config.yaml").exists()
+    if cfg.ckpt_path is None:
+        if occupied and not launched:
+            raise SystemExit(
+                f"{run_dir} already holds a run: resume it with ckpt_path=last (and hydra.run.dir={run_dir}), or "
+                "write to another folder (two runs in one folder would mix their logs)"
+            )
+        return None
+    own = run_dir / "checkpoints" / LAST
+    ckpt = own if cfg.ckpt_path == "last" else Path(cfg.ckpt_path).expanduser()
+    if not ckpt.exists():
+        if cfg.ckpt_path != "last":
+            raise SystemExit(f"ckpt_path={cfg.ckpt_path}: no such checkpoint (ckpt_path=last resumes this run folder)")
+        if occupied and not launched:  # killed before its first checkpoint: start over, logs included
+            rewind_event_files(run_dir, {})
+            remove_unfinished(run_dir / "checkpoints")
+            log.info("%s holds no checkpoint yet: starting the run over", run_dir)
+        return None
+    try:
+        check_trusted(ckpt, trust=cfg.checkpoint.trust)
+    except UntrustedCheckpoint as error:
+        raise SystemExit(str(error)) from None
+    found = read_info(ckpt)
+    if found is not None:
+        budget = Budget.from_config(**OmegaConf.to_container(cfg.budget, resolve=True))
+        if found.iterations_done >= cfg.iterations or budget.reached(found.costs):
+            why = (
+                f"its budget ({budget.spent(found.costs):.0f} {budget.unit})"
+                if budget.reached(found.costs)
+                else f"iterations={cfg.iterations}"
+            )
+            print(
+                f"{ckpt}: the run already finished ({found.iterations_done} iterations, {found.global_step} updates, "
+                f"{why} reached): nothing to do. Raise iterations= or the budget to train further."
+            )
+            return "finished"
+        in_place = ckpt.resolve().parent == own.parent.resolve()
+        if in_place and not launched:  # the logs return to the checkpoint's moment: every point once
+            cut, deleted = rewind_event_files(run_dir, found.events)
+            removed = remove_unfinished(own.parent)
+            log.info(
+                "resuming %s from %s (iteration %d done, %d updates): %d event files rewound, %d removed%s",
+                run_dir, found.path.name, found.iterations_done, found.global_step, cut, deleted,
+                f", unfinished checkpoints removed: {', '.join(removed)}" if removed else "",
+            )
+    return str(ckpt)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -51,6 +52,39 @@ class Trajectory:
     group: int  # the prompt's index in the train pool: GRPO's group
     sampler_logprobs: torch.Tensor | None = None  # [T] float32, the generator's log-probs
     ref_logprobs: torch.Tensor | None = None  # [T] float32, the frozen reference's (KL), when kept
+
+
+class _Batches:
+    """The iteration's batches of indices, from ``start`` on; its length is always the whole iteration's, which
+    Lightning's batch counters (restored from a mid-iteration checkpoint) count against."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches, self.start = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches[self.start :])
+
+
+class ResumableLoader(DataLoader):
+    """The iteration's DataLoader, resumable mid-iteration (Lightning's ``state_dict``/``load_state_dict``
+    protocol for data loaders): a checkpoint saved after k updates records k, and the restored loader serves
+    the remaining batches only, so no update is made twice."""
+
+    def __init__(self, datamodule: EMDataModule, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dm, self.iteration = datamodule, datamodule.iteration
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self._dm.trainer
+        served = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        return {"iteration": self.iteration, "served": int(served)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("iteration") == self.iteration:  # a later iteration's loader starts at its first batch
+            self.batch_sampler.start = int(state["served"])
 
 
 def _placeholder(pad_id: int) -> Trajectory:
@@ -155,15 +189,18 @@ class EMDataModule(L.LightningDataModule):
         self.iteration, self.trajectories, self.skip_updates = iteration, trajectories, skip_updates
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer is not None else self.iteration
+        # The epoch about to run. Not ``current_epoch``: a checkpoint saved at an epoch's end restores the ended
+        # epoch there until the loop resets, after this call; ``processed`` already counts it.
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else self.iteration
         if self.iteration != epoch and self.rollout_fn is not None:
-            self.rollout_fn(epoch)  # first epoch, or a resumed run whose checkpoint lacks this epoch's rollouts
+            self.rollout_fn(epoch)  # the first epoch (every later E-step runs at the end of the previous epoch)
         if self.iteration < 0:
             raise RuntimeError("train_dataloader() called before an E-step filled the trajectories")
-        return DataLoader(
+        return ResumableLoader(
+            self,
             self.trajectories,
-            batch_sampler=self._batches(),
-            collate_fn=lambda items: collate_trajectories(items, self.pad_id, self.skip_updates),
+            batch_sampler=_Batches(self._batches()),
+            collate_fn=partial(collate_trajectories, pad_id=self.pad_id, skip=self.skip_updates),
         )
 
     def _batches(self) -> list[list[int]]:

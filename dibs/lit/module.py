@@ -176,7 +176,13 @@ class EMModule(L.LightningModule):
         metrics["train/loss"] = loss
         metrics["train/grad_norm"] = grad_norm
         metrics["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
-        self.log_dict(metrics, on_step=True, batch_size=len(batch["advantages"]), sync_dist=False)
+        # Written to the loggers now, not after the batch-end hooks as ``self.log`` would: a checkpoint saved at this
+        # update's end then already holds its point (a resume rewinds the event files to the save).
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=step)
+        self.log_dict(metrics, on_step=True, batch_size=len(batch["advantages"]), sync_dist=False, logger=False)
 
     def _ref_logprobs(self, mb: dict[str, Any]) -> torch.Tensor | None:
         if self.hparams.kl_coef <= 0:

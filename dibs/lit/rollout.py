@@ -118,6 +118,7 @@ class RolloutCallback(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.generator.sleep()  # a colocated engine gives its accelerator memory back for the M-step
         self._train_started = time.perf_counter()
+        info(f"iteration {trainer.current_epoch + 1}: M-step, {trainer.num_training_batches} updates")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         train_s = time.perf_counter() - self._train_started
@@ -177,6 +178,7 @@ class RolloutCallback(L.Callback):
             info(f"budget already reached ({self.budget.spent(self.costs(trainer)):.0f} {self.budget.unit}): done")
             trainer.should_stop = True  # the fit loop ends before the epoch starts; no sample is generated
             return
+        info(f"iteration {iteration + 1}: E-step")
         self._push_weights(trainer)  # timed on its own into wall_s
         e_started = time.perf_counter()
         dm, rank, world = trainer.datamodule, trainer.global_rank, trainer.world_size
@@ -356,6 +358,7 @@ class RolloutCallback(L.Callback):
         """Evaluate the current policy; seeded by (seed, iteration) so ``python -m dibs.evaluate`` on this
         iteration's export draws the same samples."""
         plan = self.evaluation
+        info(f"{'pi0' if iteration == 0 else f'iteration {iteration}'}: evaluation")
         self._push_weights(trainer)
         torch.manual_seed(eval_seed(self.seed, iteration, trainer.global_rank))
         started = time.perf_counter()
@@ -394,7 +397,7 @@ class RolloutCallback(L.Callback):
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
         if trainer.logger is not None:
-            trainer.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+            trainer.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=log_step(trainer))
 
     def _log_texts(self, trainer: L.Trainer, dm, flat: list[tuple[int, Completion]], result, iteration: int) -> None:
         if not (
@@ -408,7 +411,13 @@ class RolloutCallback(L.Callback):
                 f"**{p.uid}** (level {p.level}, gold `{p.answer}`, reward {reward:.0f}, {status})\n\n"
                 f"    {p.problem}\n\n    {c.text}"
             )
-        trainer.logger.experiment.add_text("rollout/samples", "\n\n---\n\n".join(rows), trainer.global_step)
+        trainer.logger.experiment.add_text("rollout/samples", "\n\n---\n\n".join(rows), log_step(trainer))
+
+
+def log_step(trainer: L.Trainer) -> int:
+    """The step of the callback's points: Lightning's own for the training metrics (batches run, updates or skipped
+    update slots), so an iteration without an update still gets steps of its own."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def _regroup(values: Sequence[Any], groups: Sequence[Sequence[Any]]) -> list[list[Any]]:
