@@ -156,6 +156,7 @@ def main(cfg: DictConfig) -> float:
         keep=cfg.checkpoint.keep,
         rollout=rollout,
     )
+    rollout.resumed = checkpoint.resumed = resume is not None
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(_flatten(plain(cfg)))
     trainer = L.Trainer(

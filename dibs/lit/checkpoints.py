@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from dibs.lit.dist import gather_per_rank, pick_own
 from dibs.lit.logs import info
 
 __all__ = [
@@ -224,6 +225,7 @@ class IterationCheckpoint(Checkpoint):
         self.dirpath, self.run_dir = Path(dirpath), Path(run_dir)
         self.every_updates, self.keep = every_updates, keep
         self.rollout = rollout  # the RolloutCallback: costs and evaluations for the sidecar
+        self.resumed = False  # set by train.py before fit when it resumes from a checkpoint
         self.saved: list[str] = []  # names, oldest first
         self._restored_rng: dict[str, Any] | None = None
 
@@ -232,7 +234,7 @@ class IterationCheckpoint(Checkpoint):
         # The first E-step ran when the dataloader was built: save it before the first update, unless the
         # run resumed from a checkpoint that already holds it.
         loop = trainer.fit_loop.epoch_loop
-        if trainer.current_epoch == 0 and loop.batch_progress.current.completed == 0 and trainer.ckpt_path is None:
+        if trainer.current_epoch == 0 and loop.batch_progress.current.completed == 0 and not self.resumed:
             self.save(trainer, "iter_001-update_000", iterations_done=0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -245,15 +247,15 @@ class IterationCheckpoint(Checkpoint):
         self.save(trainer, f"iter_{done:03d}", done, stopped=trainer.should_stop or done >= (trainer.max_epochs or 0))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state(), "saved": list(self.saved)}
+        return {"rng": gather_per_rank(_rng_state()), "saved": list(self.saved)}  # each rank's streams
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.saved = [name for name in state.get("saved", []) if (self.dirpath / name).exists()]
-        self._restored_rng = state.get("rng")
+        self._restored_rng = state.get("rng")  # picked per rank once the processes exist (on_train_start)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored_rng is not None:  # after every restore, whatever the strategy's order
-            _set_rng_state(self._restored_rng)
+            _set_rng_state(pick_own(self._restored_rng, "RNG streams"))
             self._restored_rng = None
 
     # ---- saving ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from dibs.core.batching import pad_right
 from dibs.data.pools import POOL_MODES, iteration_indices
 from dibs.data.prompts import PromptTemplate, encode_prompts
 from dibs.data.records import Problem
+from dibs.lit.dist import gather_per_rank, pick_own
 
 __all__ = ["UPDATE_ACCOUNTING", "Trajectory", "collate_trajectories", "EMDataModule"]
 
@@ -216,14 +217,22 @@ class EMDataModule(L.LightningDataModule):
         return list(BatchSampler(sampler, self.batch_size, drop_last=False))
 
     def state_dict(self) -> dict[str, Any]:
-        # Plain dicts of tensors: checkpoints stay loadable with torch.load(weights_only=True).
-        return {
+        # Plain dicts of tensors: checkpoints stay loadable with torch.load(weights_only=True). Every rank holds its
+        # own slice of the rollouts and the checkpoint is written by rank 0: the slices are gathered (a collective).
+        own = {
             "iteration": self.iteration,
             "skip_updates": self.skip_updates,
             "updates": self.updates,
             "trajectories": [dict(t.__dict__) for t in self.trajectories],
         }
+        return {"per_rank": gather_per_rank(own)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration, self.skip_updates, self.updates = state["iteration"], state["skip_updates"], state["updates"]
-        self.trajectories = [Trajectory(**t) for t in state["trajectories"]]
+        if "per_rank" not in state:
+            raise RuntimeError(
+                "this checkpoint was written by an older dibs (the rollouts of one process only): it cannot be "
+                "resumed by this version; start the run again"
+            )
+        own = pick_own(state["per_rank"], "rollouts")
+        self.iteration, self.skip_updates, self.updates = own["iteration"], own["skip_updates"], own["updates"]
+        self.trajectories = [Trajectory(**t) for t in own["trajectories"]]

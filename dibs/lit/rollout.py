@@ -98,6 +98,7 @@ class RolloutCallback(L.Callback):
         self.evals: list[EvalResult] = []
         self._train_started = 0.0
         self._pushed_at = -1  # global step of the weights the generator holds
+        self.resumed = False  # set by train.py before fit when it resumes from a checkpoint
 
     # ---- hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -110,8 +111,8 @@ class RolloutCallback(L.Callback):
         if hasattr(self.generator, "to"):  # the generator's copy was made before Lightning placed the policy
             self.generator.to(trainer.strategy.root_device)
         dm.rollout_fn = lambda iteration: self._e_step(trainer, iteration)
-        if trainer.ckpt_path is not None:
-            info(f"resuming from {trainer.ckpt_path}")  # it keeps the pi0 evaluation of its first run
+        if self.resumed:  # told by train.py: under FSDP strategies trainer.ckpt_path is not set yet here
+            info("resuming: the pi0 evaluation and the costs so far come from the checkpoint")
         elif self.evaluation and self.evaluation.before_training:
             self._evaluate(trainer, iteration=0)
 
