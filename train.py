@@ -32,6 +32,12 @@ def plain(node) -> dict:
 def main(cfg: DictConfig) -> float:
     if "grid" in cfg and HydraConfig.get().mode != RunMode.MULTIRUN:
         raise SystemExit(f"grid {cfg.grid.name!r} sweeps several runs: launch it with `python train.py -m +grid=...`")
+    from dibs.schema import ConfigError, validate_config
+
+    try:  # every type and range, before any work
+        validate_config(plain(cfg))
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
     run_dir = Path(cfg.run_dir)
     launched = any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))  # not the first
     resume = _resume_point(cfg, run_dir, launched)  # a finished run, a bad path or an untrusted checkpoint: now

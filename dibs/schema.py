@@ -1,0 +1,226 @@
+"""The config schema: every setting with a type or a range, checked at start-up before any work.
+
+``validate_config`` runs first in ``train.py`` and ``python -m dibs.evaluate``, on the resolved config, so a bad
+value fails in the first second, before the warm start, naming the key, the value and what is allowed:
+
+    config error: allocation.n_per_prompt=0: must be >= 1
+
+Groups whose options carry their own fields (``trainer``, ``logger``, ``data.source``, a generator's
+constructor) are checked for the fields the kit reads; other keys pass through (``+key=value`` adds them on
+purpose). Relations between keys (``eval.pass_k`` against ``eval.samples``, a warm start with steps but no batch)
+are checked here too. pydantic does the type and range checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = ["ConfigError", "validate_config"]
+
+PositiveInt = Field(ge=1)
+
+
+class ConfigError(ValueError):
+    """A config the kit refuses; the message names every key at fault."""
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sampling(_Closed):
+    temperature: float = Field(gt=0)  # sampling only: a temperature of 0 is not a distribution to sample from
+    top_p: float = Field(gt=0, le=1)
+    top_k: int = Field(ge=0)  # 0: off
+    max_new_tokens: int = Field(ge=1)
+
+
+class Rollout(_Open):
+    backend: Literal["hf", "vllm"]
+    sampling: Sampling
+
+
+class Allocation(_Open):
+    n_per_prompt: int = Field(ge=1)
+    pilot_samples: int = Field(default=0, ge=0)
+    alpha: float = Field(default=1e-3, gt=0)
+    beta: float = Field(default=2.0, gt=0)
+    filter_threshold: float = Field(default=1.0, ge=0, le=1)
+    filter_insufficient: float = Field(default=0.0, ge=0)
+    rounding: Literal["largest_remainder", "low_p_first"] = "largest_remainder"
+    prior: tuple[float, float] | None = None
+    reserve: float = Field(default=0.0, ge=0, lt=1)
+    min_per_prompt: int = Field(default=0, ge=0)
+    max_per_prompt: int | None = Field(default=None, ge=1)
+    align: int = Field(default=1, ge=1)
+    grad_param: Literal["lm_head", "embed_tokens", "none"] = "lm_head"
+    grad_reduction: Literal["sum", "mean"] = "sum"
+    refresh_every: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _relations(self) -> Allocation:
+        if self.prior is not None and min(self.prior) <= 0:
+            raise ValueError(f"prior={list(self.prior)}: both Beta parameters must be > 0")
+        if self.max_per_prompt is not None and self.max_per_prompt < self.min_per_prompt:
+            raise ValueError(f"max_per_prompt={self.max_per_prompt} is below min_per_prompt={self.min_per_prompt}")
+        return self
+
+
+class Algo(_Open):
+    loss: Literal["raft", "raftpp", "grpo", "drgrpo"]
+    clip_low: float = Field(ge=0)
+    clip_high: float = Field(ge=0)
+    clip_ratio_c: float = Field(default=3.0, gt=1)
+    kl_coef: float = Field(ge=0)
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_updates: int = Field(ge=0)
+    lr_schedule: Literal["constant", "cosine"]
+    min_lr_ratio: float = Field(ge=0, le=1)
+    grad_clip: float = Field(ge=0)
+    betas: tuple[float, float]
+    temperature: float = Field(gt=0)
+    keep_rejected: bool
+    recompute_old_logprobs: bool
+    filter_equal_groups: bool
+
+
+class Eval(_Open):
+    benchmarks: list[str] = Field(min_length=1)
+    samples: int = Field(ge=1)
+    pass_k: list[int] = Field(min_length=1)
+    every: int = Field(ge=1)
+    before_training: bool
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    sampling: Sampling
+
+    @model_validator(mode="after")
+    def _pass_k(self) -> Eval:
+        bad = [k for k in self.pass_k if not 1 <= k <= self.samples]
+        if bad:
+            raise ValueError(f"pass_k={self.pass_k}: each k must be between 1 and samples={self.samples} (got {bad})")
+        return self
+
+
+class Warmstart(_Closed):
+    steps: int = Field(ge=0)
+    target_accuracy: float = Field(ge=0, le=1)
+    eval_every: int = Field(ge=0)
+    eval_problems: int = Field(ge=0)
+    eval_samples: int = Field(ge=0)
+    batch_size: int = Field(ge=0)
+    schedule: Literal["constant", "cosine"]
+    lr: float = Field(ge=0)
+    seed: int
+
+    @model_validator(mode="after")
+    def _an_sft_needs_its_settings(self) -> Warmstart:
+        if self.steps > 0:
+            missing = [f"{k}={getattr(self, k)}" for k in ("batch_size", "lr") if getattr(self, k) <= 0]
+            if self.eval_every > 0:
+                missing += [f"{k}={getattr(self, k)}" for k in ("eval_problems", "eval_samples") if getattr(self, k) < 1]
+            if missing:
+                raise ValueError(
+                    f"steps={self.steps} asks for an SFT warm start, which needs {', '.join(missing)} to be > 0 "
+                    "(with warmstart=none, set warmstart.steps=0; a preset such as experiment=smoke sets steps)"
+                )
+        return self
+
+
+class Model(_Open):
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = "float32"
+    vocab_size: int | None = Field(default=None, ge=16)
+
+
+class Budget(_Closed):
+    samples: int | None = Field(default=None, ge=1)
+    tokens: int | None = Field(default=None, ge=1)
+    updates: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> Budget:
+        given = [k for k in ("samples", "tokens", "updates") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set at most one budget, not {', '.join(given)}")
+        return self
+
+
+class Checkpointing(_Closed):
+    every_updates: int = Field(ge=0)
+    keep: int = Field(ge=1)
+    trust: bool
+
+
+class Reward(_Open):
+    num_workers: int = Field(default=1, ge=1)
+    timeout_s: float = Field(default=2, gt=0)
+    hard_timeout_s: float = Field(default=5.0, gt=0)
+    max_answer_chars: int = Field(default=256, ge=1)
+
+
+class Trainer(_Open):
+    devices: int | str | list[int]
+    num_nodes: int = Field(default=1, ge=1)
+
+
+class Config(_Open):
+    seed: int
+    iterations: int = Field(ge=1)
+    prompts_per_iteration: int = Field(ge=1)
+    pool_sampling: Literal["random", "shards"]
+    batch_size: int = Field(ge=1)
+    updates_per_iteration: int = Field(ge=1)
+    update_accounting: Literal["fixed", "reference"]
+    max_prompt_tokens: int = Field(ge=1)
+    activation_checkpointing: bool
+    cache_dir: str
+    ckpt_path: str | None
+    checkpoint: Checkpointing
+    budget: Budget
+    allocation: Allocation
+    rollout: Rollout
+    algo: Algo
+    eval: Eval
+    warmstart: Warmstart
+    model: Model
+    reward: Reward
+    trainer: Trainer
+
+
+def _describe(error: dict[str, Any], config: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "value_error":  # a relation between keys: the message names them
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{key}.{message}" if key else message  # the message starts with the key it names
+    value: Any = config
+    for part in error["loc"]:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            value = error.get("input")
+            break
+    allowed = error["msg"]
+    if error["type"] == "extra_forbidden":
+        allowed = "not a known key of this group"
+    elif error["type"] == "missing":
+        return f"{key}: missing (it has no default; set it)"
+    return f"{key}={value!r}: {allowed[0].lower()}{allowed[1:]}"
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Check a resolved config (plain dict); raise ``ConfigError`` naming every key at fault."""
+    try:
+        Config.model_validate(config)
+    except ValidationError as error:
+        lines = [_describe(e, config) for e in error.errors(include_url=False)]
+        raise ConfigError("config error: " + "\n  ".join(lines)) from None
