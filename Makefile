@@ -8,7 +8,7 @@ SWEEP ?= multirun/$(GRID)/$(shell date +%Y-%m-%d_%H-%M-%S)
 SWEEP := $(SWEEP)
 REPORT ?= $(SWEEP)/report
 
-.PHONY: setup train test lint grid report
+.PHONY: setup train test lint grid report lock
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
@@ -17,6 +17,9 @@ train: setup  ## the default job: `make train ARGS="algo=raft iterations=3"` pas
 
 test: setup  ## the test suite (CPU; gpu/vllm tests skip themselves)
 	$(PY) -m pytest -q $(ARGS)
+
+lock:  ## re-resolve every dependency afresh and pin it in requirements-lock.txt (then commit it)
+	bash scripts/lock.sh
 
 lint: setup
 	$(VENV)/bin/ruff check dibs tests train.py

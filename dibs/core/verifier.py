@@ -107,6 +107,25 @@ def normalize(answer: str) -> str:
     return _NOISE.sub("", _UNESCAPED_DOLLAR.sub("", answer)).removesuffix(".")
 
 
+_PLAIN_ANSWER = re.compile(r"^[ -~]*$")  # printable ASCII: LaTeX and plain numbers, which math-verify reads
+
+
+def gold_is_readable(gold: str, timeout_s: int = 2) -> bool:
+    """Whether math-verify can read a gold answer as mathematics (checked once per gold at load time).
+
+    Printable-ASCII golds (numbers, LaTeX) are taken as readable without parsing, which keeps a large pool's
+    check instant; a gold with other characters (``½``, ``√2``, full-width digits) is parsed in this process.
+    Such a gold can still be matched by an answer written exactly alike, but never by an equivalent one."""
+    answer = extract_boxed(gold)
+    answer = gold.strip() if answer is None else answer
+    if _PLAIN_ANSWER.match(answer):
+        return True
+    try:
+        return _has_maths(_parse(answer, timeout_s))
+    except Exception:
+        return False
+
+
 def _triage(completion: str, gold: str, max_answer_chars: int) -> tuple[str | None, str, str]:
     """(status or None if math-verify must decide, answer, gold answer) without leaving this process."""
     gold_answer = extract_boxed(gold)

@@ -146,7 +146,11 @@ def _file_rows(path: Path, source: str) -> _Rows:
     if path.suffix in PARQUET_SUFFIXES:
         import pyarrow.parquet as pq  # a datasets dependency; imported here so that this module loads fast
 
-        return _Rows(str(path), path.name, _numbered(pq.ParquetFile(path).iter_batches(batch_size=4096)))
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as error:  # pyarrow's own message names neither the file nor the setting
+            raise ValueError(f"{path}: not a readable Parquet file ({source}): {error}") from None
+        return _Rows(str(path), path.name, _numbered(parquet.iter_batches(batch_size=4096)))
     known = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES)
     raise ValueError(
         f"{path}: unsupported dataset file type {path.suffix!r} ({source}); expected a {known} file, a "

@@ -45,7 +45,51 @@ def load_splits(
     )
     train = _load("train", train_path, split, fields)
     test = [] if test_path is None else _load("test", test_path, test_split, fields)
+    for message in audit(train, test, train_path=train_path, test_path=test_path):
+        log.warning(message)
     return TaskSplits(train=train, test=test)
+
+
+def _key(problem: str) -> str:
+    return " ".join(problem.split()).casefold()
+
+
+def _examples(items: list[str], shown: int = 3) -> str:
+    return "; ".join(repr(x if len(x) <= 60 else x[:57] + "...") for x in items[:shown])
+
+
+def audit(train: list[Problem], test: list[Problem], *, train_path: str, test_path: str | None) -> list[str]:
+    """Warnings about data that loads but trains badly: golds the verifier cannot read, the same problem twice in
+    the pool, and pool problems that are also held out (compared by text, case and spacing ignored)."""
+    from dibs.core.verifier import gold_is_readable
+
+    messages = []
+    for role, path, problems in (("train", train_path, train), ("test", test_path, test)):
+        unreadable = [p.answer for p in problems if not gold_is_readable(p.answer)]
+        if unreadable:
+            messages.append(
+                f"{path}: {len(unreadable)} of {len(problems)} {role} gold answers cannot be read by the verifier "
+                f"(only an answer written exactly alike can match them), e.g. {_examples(unreadable)}"
+            )
+        seen: dict[str, int] = {}
+        for p in problems:
+            seen[_key(p.problem)] = seen.get(_key(p.problem), 0) + 1
+        repeated = [text for text, count in seen.items() if count > 1]
+        if repeated:
+            extra = sum(seen[t] - 1 for t in repeated)
+            messages.append(
+                f"{path}: {extra} {role} rows repeat a problem already in it ({len(repeated)} problems appear more "
+                f"than once), e.g. {_examples(repeated)}"
+            )
+    if test:
+        held_out = {_key(p.problem) for p in test}
+        overlap = sorted({_key(p.problem) for p in train} & held_out)
+        if overlap:
+            messages.append(
+                f"{train_path} and {test_path}: {len(overlap)} held-out problems are also in the training pool "
+                f"(held-out scores will be inflated), e.g. {_examples(overlap)}"
+            )
+    return messages
 
 
 def _load(role: str, path: str, split: str, fields: dict) -> list[Problem]:

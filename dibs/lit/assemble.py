@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ def prepare_policy(
             f"{_accuracy(report)} when it stopped)"
         )
         return policy, load_tokenizer(folder)
-    staging = folder.with_name(f"{key}.tmp-{os.getpid()}")
+    _remove_stale_staging(folder.parent)
+    staging = folder.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     if model.get("path"):
         policy, tokenizer = load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
@@ -85,6 +87,29 @@ def prepare_policy(
     else:
         staging.rename(folder)
     return policy, tokenizer
+
+
+def _remove_stale_staging(cache: Path, max_age_s: float = 86_400) -> None:
+    """Remove the half-built warm starts of killed processes: ``<key>.tmp-<host>-<pid>`` folders whose process is
+    gone (this host), or untouched for a day (another host sharing the cache)."""
+    if not cache.is_dir():
+        return
+    host = socket.gethostname()
+    for path in cache.glob("*.tmp-*"):
+        tail = path.name.rsplit(".tmp-", 1)[1]
+        owner, _, pid = tail.rpartition("-")
+        if owner == host and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # its process still runs
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # another user's live process
+        elif time.time() - path.stat().st_mtime < max_age_s:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        info(f"removed {path}, a warm start left half-built by a killed process")
 
 
 def _run_sft(

@@ -81,3 +81,37 @@ def test_a_split_with_no_usable_row_is_an_error(tmp_path):
     test = write_jsonl(tmp_path / "test.jsonl", [{"problem": "b", "answer": "no box"}])
     with pytest.raises(ValueError, match=r"test\.jsonl: no usable problem in the test data \(1 rows skipped\)"):
         load_splits(train_path=train, test_path=test, answer_from="boxed", on_bad_row="skip")
+
+
+def test_unreadable_golds_duplicates_and_overlap_are_counted_and_warned(tmp_path, caplog):
+    rows = [
+        {"problem": "What is half of one?", "answer": "½"},  # the verifier cannot read these three
+        {"problem": "Root of two?", "answer": "√2"},
+        {"problem": "Twelve?", "answer": "１２"},
+        {"problem": "Add 1 and 1.", "answer": "2"},
+        {"problem": "add  1 and 1.", "answer": "2"},  # the same problem, spacing and case aside
+        {"problem": "Held out too.", "answer": "\\frac{1}{2}"},
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", [{"problem": "held out too.", "answer": "3"}])
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits(train_path=train, test_path=test)
+    assert len(splits.train) == 6  # warned, never dropped
+    text = caplog.text
+    assert "3 of 6 train gold answers cannot be read by the verifier" in text and "'½'" in text
+    assert "1 train rows repeat a problem already in it (1 problems appear more than once)" in text
+    assert "1 held-out problems are also in the training pool" in text
+
+
+def test_clean_data_loads_without_a_warning(tmp_path, caplog):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"problem": "a", "answer": "\\sqrt{2}"}, {"problem": "b", "answer": 1}])
+    with caplog.at_level(logging.WARNING):
+        load_splits(train_path=train)
+    assert caplog.text == ""
+
+
+def test_a_file_named_parquet_that_is_not_parquet_names_the_file_and_setting(tmp_path):
+    path = tmp_path / "pool.parquet"
+    path.write_text('{"problem": "a", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"pool\.parquet: not a readable Parquet file \(data\.source\.train_path\)"):
+        load_splits(train_path=str(path))

@@ -118,7 +118,7 @@ def test_second_run_reuses_the_cached_warm_start_and_resumes(tmp_path, cache):
     train(run, cache, "iterations=1")  # builds the warm start unless an earlier test did
     resumed = train(run, cache, "iterations=2", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
     out = resumed.stdout + resumed.stderr
-    assert "reusing cached warm start" in out and "resuming from" in out
+    assert "reusing cached warm start" in out and "resuming" in out
     assert "(pi0)" not in out  # pi0 is evaluated once, by the first run
     s = scalars(run)
     assert s["rollout/samples_cum"] == [16 * 8, 2 * 16 * 8]  # counters carried over through the checkpoint
@@ -169,6 +169,8 @@ def test_sweep_and_iterations_without_accepted_samples(tmp_path, cache):
     for run in runs:
         assert "train/loss" not in scalars(run)  # no update was made
         assert len(scalars(run)["val/acc"]) == 3  # but every iteration ran and was evaluated
+        steps = [e.step for e in EventAccumulator(str(run / "tb")).Reload().Scalars("val/acc")]
+        assert steps == sorted(set(steps)), steps  # each iteration at a step of its own, updates or none
         assert (run / "resolved_config.yaml").exists()
 
 
@@ -304,14 +306,16 @@ def test_a_second_run_into_an_occupied_folder_is_refused(tmp_path):
     (tmp_path / "resolved_config.yaml").write_text("seed: 0\n")  # a folder that already holds a run
     cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and f"{tmp_path} already holds a run: resume it with ckpt_path=" in proc.stderr
+    assert proc.returncode != 0 and f"{tmp_path} already holds a run: resume it with ckpt_path=last" in proc.stderr
 
 
 def test_resuming_a_run_its_budget_stopped_trains_no_further(tmp_path, cache):
     run = tmp_path / "run"
     train(run, cache, "budget.samples=100")  # 128 samples a step: stops after iteration 1 of 2
     resumed = train(run, cache, "budget.samples=100", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
-    assert "budget already reached (128 samples): done" in resumed.stdout + resumed.stderr
+    assert "the run already finished (1 iterations, 2 updates, its budget (128 samples) reached): nothing to do" in (
+        resumed.stdout + resumed.stderr
+    )
     s = scalars(run)
     assert s["cost/samples"] == [0, 128] and len(s["train/loss"]) == 2  # nothing generated or trained after it
 
