@@ -40,9 +40,9 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(str(error)) from None
     run_dir = Path(cfg.run_dir)
     launched = any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))  # not the first
-    resume = _resume_point(cfg, run_dir, launched)  # a finished run, a bad path or an untrusted checkpoint: now
-    if resume == "finished":
-        return float("nan")
+    resume, finished = _resume_point(cfg, run_dir, launched)  # a bad path or an untrusted checkpoint fails here
+    if finished is not None:  # nothing left to do: the last evaluation, for sweeps that read the return value
+        return finished
     import lightning as L
     import transformers
     from hydra.utils import instantiate
@@ -183,8 +183,9 @@ def main(cfg: DictConfig) -> float:
     return rollout.evals[-1].accuracy if rollout.evals else float("nan")
 
 
-def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> str | None:
-    """The checkpoint to resume from (None: a fresh start), or "finished" when the run has nothing left to do.
+def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str | None, float | None]:
+    """(the checkpoint to resume from or None for a fresh start, None or the run's last accuracy when it has
+    nothing left to do).
 
     ``ckpt_path=last`` resumes this run folder from its ``checkpoints/last.ckpt`` (a fresh start in the folder when
     the run was killed before its first checkpoint); any other value must name a checkpoint. Everything is checked
@@ -199,7 +200,7 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> str | None:
                 f"{run_dir} already holds a run: resume it with ckpt_path=last (and hydra.run.dir={run_dir}), or "
                 "write to another folder (two runs in one folder would mix their logs)"
             )
-        return None
+        return None, None
     own = run_dir / "checkpoints" / LAST
     ckpt = own if cfg.ckpt_path == "last" else Path(cfg.ckpt_path).expanduser()
     if not ckpt.exists():
@@ -209,7 +210,7 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> str | None:
             rewind_event_files(run_dir, {})
             remove_unfinished(run_dir / "checkpoints")
             log.info("%s holds no checkpoint yet: starting the run over", run_dir)
-        return None
+        return None, None
     try:
         check_trusted(ckpt, trust=cfg.checkpoint.trust)
     except UntrustedCheckpoint as error:
@@ -227,7 +228,8 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> str | None:
                 f"{ckpt}: the run already finished ({found.iterations_done} iterations, {found.global_step} updates, "
                 f"{why} reached): nothing to do. Raise iterations= or the budget to train further."
             )
-            return "finished"
+            last = found.last_accuracy
+            return None, float("nan") if last is None else last
         in_place = ckpt.resolve().parent == own.parent.resolve()
         if in_place and not launched:  # the logs return to the checkpoint's moment: every point once
             cut, deleted = rewind_event_files(run_dir, found.events)
@@ -237,7 +239,7 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> str | None:
                 run_dir, found.path.name, found.iterations_done, found.global_step, cut, deleted,
                 f", unfinished checkpoints removed: {', '.join(removed)}" if removed else "",
             )
-    return str(ckpt)
+    return str(ckpt), None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -41,7 +41,12 @@ def main(cfg: DictConfig) -> float:
     from dibs.lit.evaluation import eval_seed, evaluate
     from dibs.lit.weights import EXPORT_META
     from dibs.modeling import load_pretrained, require_model_folder
+    from dibs.schema import ConfigError, validate_config
 
+    try:  # the same schema as train.py: a bad value fails before any model is loaded
+        validate_config(OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
     if cfg.rollout.backend == "vllm":
         from dibs.rollout.availability import require_vllm
 

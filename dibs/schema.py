@@ -48,18 +48,18 @@ class Rollout(_Open):
 
 class Allocation(_Open):
     n_per_prompt: int = Field(ge=1)
-    pilot_samples: int = Field(default=0, ge=0)
+    pilot_samples: int | None = Field(default=None, ge=1)  # GVM's N' (uniform best-of-n has no pilot)
     alpha: float = Field(default=1e-3, gt=0)
     beta: float = Field(default=2.0, gt=0)
     filter_threshold: float = Field(default=1.0, ge=0, le=1)
     filter_insufficient: float = Field(default=0.0, ge=0)
     rounding: Literal["largest_remainder", "low_p_first"] = "largest_remainder"
     prior: tuple[float, float] | None = None
-    reserve: float = Field(default=0.0, ge=0, lt=1)
+    reserve: float = Field(default=0.0, ge=0, le=1)
     min_per_prompt: int = Field(default=0, ge=0)
     max_per_prompt: int | None = Field(default=None, ge=1)
     align: int = Field(default=1, ge=1)
-    grad_param: Literal["lm_head", "embed_tokens", "none"] = "lm_head"
+    grad_param: Literal["lm_head", "embed_tokens", "all", "none"] = "lm_head"
     grad_reduction: Literal["sum", "mean"] = "sum"
     refresh_every: int = Field(default=1, ge=1)
 

@@ -226,7 +226,6 @@ class IterationCheckpoint(Checkpoint):
         self.every_updates, self.keep = every_updates, keep
         self.rollout = rollout  # the RolloutCallback: costs and evaluations for the sidecar
         self.resumed = False  # set by train.py before fit when it resumes from a checkpoint
-        self.saved: list[str] = []  # names, oldest first
         self._restored_rng: dict[str, Any] | None = None
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -247,10 +246,9 @@ class IterationCheckpoint(Checkpoint):
         self.save(trainer, f"iter_{done:03d}", done, stopped=trainer.should_stop or done >= (trainer.max_epochs or 0))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": gather_per_rank(_rng_state()), "saved": list(self.saved)}  # each rank's streams
+        return {"rng": gather_per_rank(_rng_state())}  # each rank's streams
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.saved = [name for name in state.get("saved", []) if (self.dirpath / name).exists()]
         self._restored_rng = state.get("rng")  # picked per rank once the processes exist (on_train_start)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -270,8 +268,6 @@ class IterationCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             self._commit(trainer, path, events, iterations_done, stopped)
         trainer.strategy.barrier("dibs-checkpoint-committed")
-        if path.name not in self.saved:
-            self.saved.append(path.name)
         self._prune(trainer)
         info(f"checkpoint {path.name} saved ({time.perf_counter() - started:.1f}s)")
 
@@ -309,11 +305,16 @@ class IterationCheckpoint(Checkpoint):
         _fsync_dir(self.dirpath)
 
     def _prune(self, trainer: L.Trainer) -> None:
-        while len(self.saved) > self.keep:
-            old = self.dirpath / self.saved.pop(0)
-            if trainer.is_global_zero and old.exists() and old.resolve() != (self.dirpath / LAST).resolve():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-                old.with_suffix(".json").unlink(missing_ok=True)
+        """Keep the ``keep`` newest committed checkpoints (read from the folder, so a resumed run counts the
+        checkpoints of its earlier life too); never the one ``last.ckpt`` names."""
+        if trainer.is_global_zero:
+            last = (self.dirpath / LAST).resolve()
+            committed = [p for p in self.dirpath.glob("*.ckpt") if not p.is_symlink() and p.with_suffix(".json").exists()]
+            committed.sort(key=lambda p: p.with_suffix(".json").stat().st_mtime_ns)
+            for old in committed[: max(0, len(committed) - self.keep)]:
+                if old.resolve() != last:
+                    old.with_suffix(".json").unlink(missing_ok=True)  # first: without it the rest is debris
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
         trainer.strategy.barrier("dibs-checkpoint-pruned")
 
 
