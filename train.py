@@ -191,7 +191,14 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
     the run was killed before its first checkpoint); any other value must name a checkpoint. Everything is checked
     here, before the warm start."""
     from dibs.core.budget import Budget
-    from dibs.lit.checkpoints import LAST, UntrustedCheckpoint, check_trusted, read_info, remove_unfinished, rewind_event_files
+    from dibs.lit.checkpoints import (
+        LAST,
+        UntrustedCheckpoint,
+        check_trusted,
+        read_info,
+        remove_unfinished,
+        rewind_event_files,
+    )
 
     occupied = (run_dir / "resolved_config.yaml").exists()
     if cfg.ckpt_path is None:
@@ -236,7 +243,12 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
             removed = remove_unfinished(own.parent)
             log.info(
                 "resuming %s from %s (iteration %d done, %d updates): %d event files rewound, %d removed%s",
-                run_dir, found.path.name, found.iterations_done, found.global_step, cut, deleted,
+                run_dir,
+                found.path.name,
+                found.iterations_done,
+                found.global_step,
+                cut,
+                deleted,
                 f", unfinished checkpoints removed: {', '.join(removed)}" if removed else "",
             )
     return str(ckpt), None

@@ -126,7 +126,8 @@ class Warmstart(_Closed):
         if self.steps > 0:
             missing = [f"{k}={getattr(self, k)}" for k in ("batch_size", "lr") if getattr(self, k) <= 0]
             if self.eval_every > 0:
-                missing += [f"{k}={getattr(self, k)}" for k in ("eval_problems", "eval_samples") if getattr(self, k) < 1]
+                probe = ("eval_problems", "eval_samples")
+                missing += [f"{k}={getattr(self, k)}" for k in probe if getattr(self, k) < 1]
             if missing:
                 raise ValueError(
                     f"steps={self.steps} asks for an SFT warm start, which needs {', '.join(missing)} to be > 0 "

@@ -16,9 +16,7 @@ def resolved(*overrides: str) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-@pytest.mark.parametrize(
-    "preset", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-)
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_every_preset_passes_the_schema(preset):
     validate_config(resolved(f"experiment={preset}"))
 

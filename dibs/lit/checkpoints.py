@@ -216,8 +216,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class IterationCheckpoint(Checkpoint):
     """Saves the run after its first E-step, after every iteration and every ``every_updates`` updates."""
 
-    def __init__(self, dirpath: str | os.PathLike, run_dir: str | os.PathLike, *, every_updates: int = 0,
-                 keep: int = 2, rollout: Any = None) -> None:
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        run_dir: str | os.PathLike,
+        *,
+        every_updates: int = 0,
+        keep: int = 2,
+        rollout: Any = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be >= 1 (the checkpoint a resume needs)")
         if every_updates < 0:
@@ -282,7 +289,9 @@ class IterationCheckpoint(Checkpoint):
             str(p.relative_to(self.run_dir)): p.stat().st_size for p in sorted(self.run_dir.rglob(f"{EVENT_PREFIX}*"))
         }
 
-    def _commit(self, trainer: L.Trainer, path: Path, events: dict[str, int], iterations_done: int, stopped: bool) -> None:
+    def _commit(
+        self, trainer: L.Trainer, path: Path, events: dict[str, int], iterations_done: int, stopped: bool
+    ) -> None:
         rollout = self.rollout
         costs = rollout.costs(trainer) if rollout is not None else {"updates": trainer.global_step}
         evals = rollout.evals if rollout is not None else []
@@ -309,7 +318,9 @@ class IterationCheckpoint(Checkpoint):
         checkpoints of its earlier life too); never the one ``last.ckpt`` names."""
         if trainer.is_global_zero:
             last = (self.dirpath / LAST).resolve()
-            committed = [p for p in self.dirpath.glob("*.ckpt") if not p.is_symlink() and p.with_suffix(".json").exists()]
+            committed = [
+                p for p in self.dirpath.glob("*.ckpt") if not p.is_symlink() and p.with_suffix(".json").exists()
+            ]
             committed.sort(key=lambda p: p.with_suffix(".json").stat().st_mtime_ns)
             for old in committed[: max(0, len(committed) - self.keep)]:
                 if old.resolve() != last:

@@ -104,7 +104,8 @@ def test_unreadable_golds_duplicates_and_overlap_are_counted_and_warned(tmp_path
 
 
 def test_clean_data_loads_without_a_warning(tmp_path, caplog):
-    train = write_jsonl(tmp_path / "train.jsonl", [{"problem": "a", "answer": "\\sqrt{2}"}, {"problem": "b", "answer": 1}])
+    rows = [{"problem": "a", "answer": "\\sqrt{2}"}, {"problem": "b", "answer": 1}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
     with caplog.at_level(logging.WARNING):
         load_splits(train_path=train)
     assert caplog.text == ""

@@ -91,8 +91,14 @@ def test_a_copied_distributed_checkpoint_is_refused_by_train_py_before_any_work(
     ckpt = _distributed_checkpoint(tmp_path / "elsewhere.ckpt", None)
     cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={ckpt}"]
     env = {**os.environ, "DIBS_CHECKPOINT_KEY": str(key_file)}
-    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        cmd,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode != 0 and "Python pickle, and loading it can run arbitrary code" in proc.stderr
     assert "Traceback" not in proc.stderr
 
