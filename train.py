@@ -22,6 +22,19 @@ from dibs.conf import register_resolvers
 # file's top level when they start, and must not pay for them.
 log = logging.getLogger("dibs")
 register_resolvers()
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # set by launchers for the other processes
+# May differ when a run is resumed: where it resumes from, how far it goes, how it checkpoints and shows progress.
+RESUME_MAY_CHANGE = (
+    "ckpt_path",
+    "checkpoint.",
+    "iterations",
+    "budget.",
+    "run_dir",
+    "cache_dir",
+    "evaluate.",
+    "trainer.enable_progress_bar",
+    "rollout.generator.show_progress",
+)
 
 
 def plain(node) -> dict:
@@ -39,7 +52,7 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         raise SystemExit(str(error)) from None
     run_dir = Path(cfg.run_dir)
-    launched = any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))  # not the first
+    launched = any(os.environ.get(k, "0") != "0" for k in RANK_VARIABLES)  # not the first process of the run
     resume, finished = _resume_point(cfg, run_dir, launched)  # a bad path or an untrusted checkpoint fails here
     if finished is not None:  # nothing left to do: the last evaluation, for sweeps that read the return value
         return finished
@@ -195,6 +208,7 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
         LAST,
         UntrustedCheckpoint,
         check_trusted,
+        drop_newer,
         read_info,
         remove_unfinished,
         rewind_event_files,
@@ -222,13 +236,18 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
         check_trusted(ckpt, trust=cfg.checkpoint.trust)
     except UntrustedCheckpoint as error:
         raise SystemExit(str(error)) from None
+    in_place = ckpt.resolve().parent == own.parent.resolve()
+    if in_place and occupied:
+        _check_same_run(cfg, run_dir)
     found = read_info(ckpt)
     if found is not None:
         budget = Budget.from_config(**OmegaConf.to_container(cfg.budget, resolve=True))
-        if found.iterations_done >= cfg.iterations or budget.reached(found.costs):
+        # A run its budget stopped holds no next E-step; an unfinished one's costs already count the next one's.
+        stopped_by_budget = found.stopped and budget.reached(found.costs)
+        if found.iterations_done >= cfg.iterations or stopped_by_budget:
             why = (
                 f"its budget ({budget.spent(found.costs):.0f} {budget.unit})"
-                if budget.reached(found.costs)
+                if stopped_by_budget
                 else f"iterations={cfg.iterations}"
             )
             print(
@@ -237,10 +256,9 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
             )
             last = found.last_accuracy
             return None, float("nan") if last is None else last
-        in_place = ckpt.resolve().parent == own.parent.resolve()
         if in_place and not launched:  # the logs return to the checkpoint's moment: every point once
             cut, deleted = rewind_event_files(run_dir, found.events)
-            removed = remove_unfinished(own.parent)
+            removed = remove_unfinished(own.parent) + drop_newer(own.parent, found.path)
             log.info(
                 "resuming %s from %s (iteration %d done, %d updates): %d event files rewound, %d removed%s",
                 run_dir,
@@ -252,6 +270,31 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
                 f", unfinished checkpoints removed: {', '.join(removed)}" if removed else "",
             )
     return str(ckpt), None
+
+
+def _check_same_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to resume a run folder with other settings than the run it holds (a forgotten override would
+    otherwise continue it silently with the defaults), naming every key that differs."""
+    before = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "resolved_config.yaml"), resolve=False))
+    now = _flatten(plain(cfg))
+    moved = before.get("run_dir")  # a run folder copied or moved: paths inside it follow it
+    if isinstance(moved, str) and moved != now["run_dir"]:
+        before = {k: v.replace(moved, now["run_dir"]) if isinstance(v, str) else v for k, v in before.items()}
+    changed = [
+        key
+        for key in sorted(set(before) | set(now))
+        if before.get(key, "<absent>") != now.get(key, "<absent>") and not key.startswith(RESUME_MAY_CHANGE)
+    ]
+    if changed:
+        shown = "; ".join(
+            f"{k}={before.get(k, '<absent>')!r} in the run, {now.get(k, '<absent>')!r} now" for k in changed
+        )
+        raise SystemExit(
+            f"{run_dir} holds a run with other settings: {shown}. Resume it with the overrides it was started with "
+            f"(all its settings are in {run_dir / 'resolved_config.yaml'}); only {', '.join(RESUME_MAY_CHANGE)} may "
+            "change. To go on with new settings, start a new run from its checkpoint: ckpt_path=<that checkpoint> "
+            "in another folder."
+        )
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -13,13 +13,17 @@ are checked here too. pydantic does the type and range checks.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["ConfigError", "validate_config"]
 
-PositiveInt = Field(ge=1)
+_NAMES_A_KEY = re.compile(r"^[a-z_]+=")  # a relation's message that starts with the key it is about
+
+
+_TYPE_NAMES = frozenset(("int", "str", "float", "bool", "list[int]", "none", "tuple[float, float]", "list[str]"))
 
 
 class ConfigError(ValueError):
@@ -198,11 +202,14 @@ class Config(_Open):
 
 
 def _describe(error: dict[str, Any], config: dict[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"]]
+    # A field with several allowed types reports the type tried as an extra part of loc (trainer.devices.int).
+    loc = [str(p) for p in error["loc"] if not (isinstance(p, str) and p in _TYPE_NAMES)]
     key = ".".join(loc)
     if error["type"] == "value_error":  # a relation between keys: the message names them
         message = error["msg"].removeprefix("Value error, ")
-        return f"{key}.{message}" if key else message  # the message starts with the key it names
+        if not key:
+            return message
+        return f"{key}.{message}" if _NAMES_A_KEY.match(message) else f"{key}: {message}"
     value: Any = config
     for part in error["loc"]:
         try:

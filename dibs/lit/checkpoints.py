@@ -56,6 +56,7 @@ __all__ = [
     "IterationCheckpoint",
     "UntrustedCheckpoint",
     "check_trusted",
+    "drop_newer",
     "read_info",
     "rewind_event_files",
 ]
@@ -108,7 +109,16 @@ def _key(create: bool) -> bytes | None:
 
 
 def _metadata_hmac(folder: Path, key: bytes) -> str:
-    return hmac.new(key, (folder / ".metadata").read_bytes(), hashlib.sha256).hexdigest()
+    """HMAC-SHA256 of a distributed checkpoint: of the name and SHA-256 of every file in it, since DCP unpickles
+    the non-tensor entries of its shards as well as ``.metadata``."""
+    manifest = hmac.new(key, digestmod=hashlib.sha256)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        manifest.update(f"{path.relative_to(folder).as_posix()}\0{digest.hexdigest()}\n".encode())
+    return manifest.hexdigest()
 
 
 def read_info(ckpt: str | os.PathLike) -> CheckpointInfo | None:
@@ -148,12 +158,12 @@ def check_trusted(ckpt: str | os.PathLike, trust: bool) -> None:
     elif key is None:
         why = f"this machine has no checkpoint key ({_key_file()}), so it was not written here"
     elif not hmac.compare_digest(found.metadata_hmac, _metadata_hmac(path, key)):
-        why = "its .metadata does not match the signature recorded when dibs wrote it (altered, or written elsewhere)"
+        why = "its files do not match the signature recorded when dibs wrote it (altered, or written elsewhere)"
     if why:
         raise UntrustedCheckpoint(
-            f"ckpt_path={ckpt} is a distributed checkpoint that dibs cannot verify: {why}. Its .metadata is a "
-            "Python pickle, and loading it can run arbitrary code. If you wrote it or trust whoever did, pass "
-            "checkpoint.trust=true."
+            f"ckpt_path={ckpt} is a distributed checkpoint that dibs cannot verify: {why}. Its .metadata and shards "
+            "hold Python pickles, and loading them can run arbitrary code. If you wrote it or trust whoever did, "
+            "pass checkpoint.trust=true."
         )
 
 
@@ -187,6 +197,28 @@ def remove_unfinished(dirpath: Path) -> list[str]:
     for path in dirpath.glob("*.json.tmp*"):
         path.unlink()
     return removed
+
+
+def drop_newer(dirpath: Path, chosen: Path) -> list[str]:
+    """Resuming in place from a checkpoint older than ``last.ckpt``: the later checkpoints belong to a history the
+    logs no longer hold, so they are removed and ``last.ckpt`` names the chosen one."""
+    chosen = chosen.resolve()
+    newer = [
+        p
+        for p in dirpath.glob("*.ckpt")
+        if not p.is_symlink()
+        and p.resolve() != chosen
+        and p.with_suffix(".json").exists()
+        and p.with_suffix(".json").stat().st_mtime_ns > chosen.with_suffix(".json").stat().st_mtime_ns
+    ]
+    for path in newer:
+        path.with_suffix(".json").unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if newer:
+        tmp = dirpath / f"{LAST}.tmp-{os.getpid()}"
+        os.symlink(chosen.name, tmp)
+        os.replace(tmp, dirpath / LAST)
+    return sorted(p.name for p in newer)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -233,6 +265,7 @@ class IterationCheckpoint(Checkpoint):
         self.every_updates, self.keep = every_updates, keep
         self.rollout = rollout  # the RolloutCallback: costs and evaluations for the sidecar
         self.resumed = False  # set by train.py before fit when it resumes from a checkpoint
+        self._before_first_epoch = False
         self._restored_rng: dict[str, Any] | None = None
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -241,7 +274,21 @@ class IterationCheckpoint(Checkpoint):
         # run resumed from a checkpoint that already holds it.
         loop = trainer.fit_loop.epoch_loop
         if trainer.current_epoch == 0 and loop.batch_progress.current.completed == 0 and not self.resumed:
-            self.save(trainer, "iter_001-update_000", iterations_done=0)
+            self._before_first_epoch = True
+            try:
+                self.save(trainer, "iter_001-update_000", iterations_done=0)
+            finally:
+                self._before_first_epoch = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._before_first_epoch:
+            # Saved inside on_train_epoch_start, Lightning's epoch counters read "epoch 0 ready, not started", which
+            # it restores as a restart at an epoch's start and then keeps one count behind for the rest of the run
+            # (a later resume from an iteration's end would run one update). Recorded instead as the state before
+            # the first epoch: a resume starts the epoch afresh, with the rollouts the DataModule holds.
+            progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+            for part in ("total", "current"):
+                progress[part]["ready"] = progress[part]["started"]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         done = batch_idx + 1
@@ -276,7 +323,10 @@ class IterationCheckpoint(Checkpoint):
             self._commit(trainer, path, events, iterations_done, stopped)
         trainer.strategy.barrier("dibs-checkpoint-committed")
         self._prune(trainer)
-        info(f"checkpoint {path.name} saved ({time.perf_counter() - started:.1f}s)")
+        seconds = time.perf_counter() - started
+        if self.rollout is not None:  # a save inside an M-step is not training time (time/train_s, cost/wall_s)
+            self.rollout.exclude_from_train_time(seconds)
+        info(f"checkpoint {path.name} saved ({seconds:.1f}s)")
 
     def _flush_loggers(self, trainer: L.Trainer) -> dict[str, int]:
         if not trainer.is_global_zero:

@@ -116,6 +116,16 @@ class RolloutCallback(L.Callback):
         elif self.evaluation and self.evaluation.before_training:
             self._evaluate(trainer, iteration=0)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed in the middle of an iteration gets no on_train_epoch_start: start the M-step's clock and
+        # free the generator's memory here (a fresh epoch's hook below does both again).
+        self.generator.sleep()
+        self._train_started = time.perf_counter()
+
+    def exclude_from_train_time(self, seconds: float) -> None:
+        """A checkpoint saved during the M-step: its seconds are not training time."""
+        self._train_started += seconds
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.generator.sleep()  # a colocated engine gives its accelerator memory back for the M-step
         self._train_started = time.perf_counter()

@@ -46,10 +46,20 @@ def test_half_written_checkpoints_are_removed_and_committed_ones_kept(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["iter_001.ckpt", "iter_001.json", LAST]
 
 
+def _signature(folder, key: bytes) -> str:
+    """The documented signature: HMAC-SHA256 over "<relative name>\\0<sha256 hex>\\n" of every file, by name."""
+    lines = "".join(
+        f"{p.relative_to(folder).as_posix()}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n"
+        for p in sorted(q for q in folder.rglob("*") if q.is_file())
+    )
+    return hmac.new(key, lines.encode(), hashlib.sha256).hexdigest()
+
+
 def _distributed_checkpoint(folder, key: bytes | None):
     folder.mkdir(parents=True)
     (folder / ".metadata").write_bytes(b"pickled metadata")
-    digest = hmac.new(key, b"pickled metadata", hashlib.sha256).hexdigest() if key else None
+    (folder / "__0_0.distcp").write_bytes(b"shard of rank 0")
+    digest = _signature(folder, key) if key else None
     sidecar = {"iterations_done": 1, "global_step": 4, "costs": {}, "stopped": False, "events": {}}
     (folder.with_suffix(".json")).write_text(json.dumps({**sidecar, "metadata_hmac": digest}))
     return folder
@@ -61,8 +71,8 @@ def test_a_distributed_checkpoint_loads_only_when_its_signature_verifies(tmp_pat
     key_file.write_text(key.hex())
     ours = _distributed_checkpoint(tmp_path / "ours.ckpt", key)
     check_trusted(ours, trust=False)  # signed with this machine's key: loads
-    (ours / ".metadata").write_bytes(b"something else")  # altered after the save
-    with pytest.raises(UntrustedCheckpoint, match="does not match the signature"):
+    (ours / "__0_0.distcp").write_bytes(b"a shard with a pickle in it")  # a shard altered after the save
+    with pytest.raises(UntrustedCheckpoint, match="do not match the signature"):
         check_trusted(ours, trust=False)
     check_trusted(ours, trust=True)  # the user's explicit consent
     foreign = _distributed_checkpoint(tmp_path / "foreign.ckpt", os.urandom(32))  # another machine's key
@@ -99,7 +109,7 @@ def test_a_copied_distributed_checkpoint_is_refused_by_train_py_before_any_work(
         timeout=60,
         env=env,
     )
-    assert proc.returncode != 0 and "Python pickle, and loading it can run arbitrary code" in proc.stderr
+    assert proc.returncode != 0 and "hold Python pickles, and loading them can run arbitrary code" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

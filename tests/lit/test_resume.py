@@ -119,6 +119,8 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path
     if "E-step" not in moment:  # iteration 2's E-step was finished and checkpointed: never generated again
         assert "iteration 2: E-step" not in out
     assert_same_run(run, reference)
+    kept = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))  # checkpoint.keep=2, its earlier life's too
+    assert kept == ["iter_003-update_002.ckpt", "iter_003.ckpt", "last.ckpt"]
 
 
 @pytest.mark.distributed
@@ -131,6 +133,38 @@ def test_a_killed_two_process_fsdp2_run_resumes_to_the_uninterrupted_result(tmp_
     out = launch(run, cache, *fsdp2, "ckpt_path=last")
     assert "resuming" in out and "iteration 2: E-step" not in out
     assert_same_run(run, reference)
+
+
+def test_a_run_killed_twice_with_checkpoints_between_iterations_only(tmp_path, cache, reference):
+    # the default cadence: after the first E-step and after every iteration; the second life resumes from the
+    # first-E-step checkpoint, the third from the end of iteration 1, which the second life wrote
+    run, every = tmp_path / "run", "checkpoint.every_updates=0"
+    launch(run, cache, every, kill_after="iteration 1: M-step")
+    launch(run, cache, every, "ckpt_path=last", kill_after="checkpoint iter_001.ckpt saved")
+    out = launch(run, cache, every, "ckpt_path=last")
+    assert "iteration 1: E-step" not in out and "iteration 2: E-step" not in out
+    assert_same_run(run, reference)
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["iter_002.ckpt", "iter_003.ckpt", "last.ckpt"]
+
+
+def test_a_budget_run_killed_in_its_last_iteration_finishes_it(tmp_path, cache):
+    # 128 samples an iteration against a budget of 100: the budget stops the run after iteration 1, and a kill
+    # during that iteration's M-step must not be taken for the end of the run
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    launch(reference, cache, "budget.samples=100")
+    launch(run, cache, "budget.samples=100", kill_after="iteration 1: M-step")
+    out = launch(run, cache, "budget.samples=100", "ckpt_path=last")
+    assert "nothing to do" not in out and "budget reached after iteration 1" in out
+    assert_same_run(run, reference)
+
+
+def test_resuming_with_other_settings_is_refused_naming_them(tmp_path, cache, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, symlinks=True)
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run}", f"cache_dir={cache}", *CONFIG, "ckpt_path=last"]
+    proc = subprocess.run([*cmd, "algo=raft", "seed=3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds a run with other settings" in proc.stderr
+    assert "algo.loss='raftpp' in the run, 'raft' now" in proc.stderr and "seed=0 in the run, 3 now" in proc.stderr
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over_in_its_folder(tmp_path, cache, reference):
