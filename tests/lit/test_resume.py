@@ -144,7 +144,11 @@ def test_a_run_killed_twice_with_checkpoints_between_iterations_only(tmp_path, c
     out = launch(run, cache, every, "ckpt_path=last")
     assert "iteration 1: E-step" not in out and "iteration 2: E-step" not in out
     assert_same_run(run, reference)
-    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["iter_002.ckpt", "iter_003.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == [
+        "iter_002.ckpt",
+        "iter_003.ckpt",
+        "last.ckpt",
+    ]
 
 
 def test_a_budget_run_killed_in_its_last_iteration_finishes_it(tmp_path, cache):
