@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/checkpoint_signing.py --gb 1
 
 Writes a folder of random shards (as DCP lays them out: ``.metadata`` and ``__<rank>_0.distcp``) to a temporary
-directory, then times ``dibs.lit.checkpoints``' signature over it, the files read back from the page cache as they
+directory, then times ``dibs.lit.resume.signature`` over it, the files read back from the page cache as they
 are right after a save.
 """
 
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dibs.lit.checkpoints import _metadata_hmac
+from dibs.lit.resume import signature
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            _metadata_hmac(folder, key)
+            signature(folder, key)
             times.append(time.perf_counter() - started)
         size = sum(p.stat().st_size for p in folder.iterdir()) / 2**30
         best = min(times)

@@ -1,4 +1,4 @@
-"""Checkpoints a killed run resumes from, and the resume itself.
+"""The checkpoints a killed run resumes from (``dibs.lit.resume`` reads them back before the next start).
 
 **When.** ``IterationCheckpoint`` saves (i) once the first E-step of a run has filled the DataModule (before its
 first update), (ii) at the end of every iteration, after its evaluation, its export and the NEXT iteration's
@@ -8,37 +8,23 @@ is done: no E-step is generated twice and no sample is counted twice; at most th
 (and an evaluation) are re-run, deterministically.
 
 **What.** Lightning's checkpoint (weights, optimiser, LR schedule, loop counters, the DataModule's rollouts,
-the rollout callback's costs, evaluations and GVM estimates) plus this callback's own state: the RNG streams
-(torch, NumPy, Python) and the size of every logger event file at the moment of the save.
+the rollout callback's costs, evaluations and GVM estimates) plus this callback's own state: every rank's RNG
+streams (torch, NumPy, Python). The sidecar ``<name>.json`` records the size of every logger event file at the
+moment of the save, and a distributed checkpoint's signature.
 
-**Atomic.** Each save writes a new ``<name>.ckpt`` (a file, or a folder for a distributed checkpoint) and a
-sidecar ``<name>.json``; only then is the symlink ``last.ckpt`` switched to it with one ``os.replace``. A crash
-while saving leaves ``last.ckpt`` pointing at the previous complete checkpoint; the half-written one is removed
-on the next start. ``keep`` checkpoints are kept (the newest), older ones deleted after the switch.
-
-**Logs.** A resumed run cuts every TensorBoard event file back to the size it had at the save and deletes
-event files written after it, so each point is in the logs once, whatever the reader (the same effect as
-TensorBoard's ``purge_step``, exact even when two points share a step).
-
-**Trust.** A distributed checkpoint's ``.metadata`` is a Python pickle: loading it runs whatever code it
-names. The sidecar of every checkpoint this kit writes holds an HMAC of that file under a key kept in the
-user's config folder (``~/.config/dibs/checkpoint.key``, or ``$DIBS_CHECKPOINT_KEY``); a distributed
-checkpoint whose HMAC does not verify (written elsewhere, altered, or without a sidecar) is refused unless
-``checkpoint.trust=true``. Single-file checkpoints are read with ``torch.load(weights_only=True)``, which runs no
-code, and need no flag.
+**Atomic.** Each save writes a new ``<name>.ckpt`` (a file, or a folder for a distributed checkpoint) and its
+sidecar; only then is the symlink ``last.ckpt`` switched to it with one ``os.replace``. A crash while saving
+leaves ``last.ckpt`` pointing at the previous complete checkpoint; the half-written one is removed on the next
+start. ``keep`` checkpoints are kept (the newest), older ones deleted after the switch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import random
-import secrets
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,176 +35,9 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from dibs.lit.dist import gather_per_rank, pick_own
 from dibs.lit.logs import info
+from dibs.lit.resume import EVENT_PREFIX, LAST, signature, signing_key
 
-__all__ = [
-    "LAST",
-    "CheckpointInfo",
-    "IterationCheckpoint",
-    "UntrustedCheckpoint",
-    "check_trusted",
-    "drop_newer",
-    "read_info",
-    "rewind_event_files",
-]
-
-LAST = "last.ckpt"
-EVENT_PREFIX = "events.out.tfevents."
-
-
-class UntrustedCheckpoint(RuntimeError):
-    """A distributed checkpoint this kit cannot prove it wrote: loading it could run arbitrary code."""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """The sidecar of a checkpoint: where it is, how far the run had got, and what the logs held."""
-
-    path: Path
-    iterations_done: int  # EM iterations whose M-step is finished
-    global_step: int  # optimiser updates
-    costs: dict[str, float]  # cumulative samples, tokens, updates, wall_s
-    stopped: bool  # the run ended at this checkpoint (last iteration or budget)
-    events: dict[str, int]  # event file (relative to the run folder) -> size in bytes at the save
-    metadata_hmac: str | None  # distributed checkpoints: HMAC-SHA256 of .metadata
-    last_accuracy: float | None
-
-
-def _key_file() -> Path:
-    env = os.environ.get("DIBS_CHECKPOINT_KEY")
-    if env:
-        return Path(env).expanduser()
-    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "dibs" / "checkpoint.key"
-
-
-def _key(create: bool) -> bytes | None:
-    path = _key_file()
-    if not path.exists():
-        if not create:
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(secrets.token_hex(32))
-        os.chmod(tmp, 0o600)
-        try:
-            os.link(tmp, path)  # never replaces a key another process created meanwhile
-        except FileExistsError:
-            pass
-        tmp.unlink()
-    return bytes.fromhex(path.read_text().strip())
-
-
-def _metadata_hmac(folder: Path, key: bytes) -> str:
-    """HMAC-SHA256 of a distributed checkpoint: of the name and SHA-256 of every file in it, since DCP unpickles
-    the non-tensor entries of its shards as well as ``.metadata``."""
-    manifest = hmac.new(key, digestmod=hashlib.sha256)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        manifest.update(f"{path.relative_to(folder).as_posix()}\0{digest.hexdigest()}\n".encode())
-    return manifest.hexdigest()
-
-
-def read_info(ckpt: str | os.PathLike) -> CheckpointInfo | None:
-    """The sidecar of ``ckpt`` (``last.ckpt`` resolved through its link), or None when there is none."""
-    path = Path(ckpt)
-    if not path.exists():
-        return None
-    real = path.resolve()
-    sidecar = real.with_suffix(".json")
-    if not sidecar.exists():
-        return None
-    raw = json.loads(sidecar.read_text())
-    return CheckpointInfo(
-        path=real,
-        iterations_done=raw["iterations_done"],
-        global_step=raw["global_step"],
-        costs=raw["costs"],
-        stopped=raw["stopped"],
-        events=raw["events"],
-        metadata_hmac=raw.get("metadata_hmac"),
-        last_accuracy=raw.get("last_accuracy"),
-    )
-
-
-def check_trusted(ckpt: str | os.PathLike, trust: bool) -> None:
-    """Refuse a distributed-checkpoint folder whose ``.metadata`` (a pickle) this kit cannot prove it wrote."""
-    path = Path(ckpt).resolve()
-    if not path.is_dir() or trust:
-        return
-    if not (path / ".metadata").exists():
-        raise UntrustedCheckpoint(f"ckpt_path={ckpt}: a folder without .metadata is not a distributed checkpoint")
-    found = read_info(path)
-    key = _key(create=False)
-    why = None
-    if found is None or found.metadata_hmac is None:
-        why = "it has no dibs sidecar (<name>.json) recording its signature"
-    elif key is None:
-        why = f"this machine has no checkpoint key ({_key_file()}), so it was not written here"
-    elif not hmac.compare_digest(found.metadata_hmac, _metadata_hmac(path, key)):
-        why = "its files do not match the signature recorded when dibs wrote it (altered, or written elsewhere)"
-    if why:
-        raise UntrustedCheckpoint(
-            f"ckpt_path={ckpt} is a distributed checkpoint that dibs cannot verify: {why}. Its .metadata and shards "
-            "hold Python pickles, and loading them can run arbitrary code. If you wrote it or trust whoever did, "
-            "pass checkpoint.trust=true."
-        )
-
-
-def rewind_event_files(run_dir: Path, events: dict[str, int]) -> tuple[int, int]:
-    """Cut the run's logger event files back to the sizes a checkpoint recorded; delete those written after it.
-    Returns (files cut, files deleted)."""
-    cut = deleted = 0
-    for path in sorted(run_dir.rglob(f"{EVENT_PREFIX}*")):
-        rel = str(path.relative_to(run_dir))
-        if rel not in events:
-            path.unlink()
-            deleted += 1
-        elif path.stat().st_size > events[rel]:
-            with open(path, "r+b") as f:
-                f.truncate(events[rel])
-            cut += 1
-    return cut, deleted
-
-
-def remove_unfinished(dirpath: Path) -> list[str]:
-    """Checkpoints a crash left half-written: everything in ``dirpath`` without a sidecar, and temp files."""
-    removed = []
-    if not dirpath.is_dir():
-        return removed
-    for path in dirpath.iterdir():
-        if path.name == LAST or path.suffix == ".json":
-            continue
-        if ".tmp" in path.name or not path.with_suffix(".json").exists():
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            removed.append(path.name)
-    for path in dirpath.glob("*.json.tmp*"):
-        path.unlink()
-    return removed
-
-
-def drop_newer(dirpath: Path, chosen: Path) -> list[str]:
-    """Resuming in place from a checkpoint older than ``last.ckpt``: the later checkpoints belong to a history the
-    logs no longer hold, so they are removed and ``last.ckpt`` names the chosen one."""
-    chosen = chosen.resolve()
-    newer = [
-        p
-        for p in dirpath.glob("*.ckpt")
-        if not p.is_symlink()
-        and p.resolve() != chosen
-        and p.with_suffix(".json").exists()
-        and p.with_suffix(".json").stat().st_mtime_ns > chosen.with_suffix(".json").stat().st_mtime_ns
-    ]
-    for path in newer:
-        path.with_suffix(".json").unlink()
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if newer:
-        tmp = dirpath / f"{LAST}.tmp-{os.getpid()}"
-        os.symlink(chosen.name, tmp)
-        os.replace(tmp, dirpath / LAST)
-    return sorted(p.name for p in newer)
+__all__ = ["IterationCheckpoint"]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -351,7 +170,7 @@ class IterationCheckpoint(Checkpoint):
             "costs": costs,
             "stopped": bool(stopped),
             "events": events,
-            "metadata_hmac": _metadata_hmac(path, _key(create=True)) if path.is_dir() else None,
+            "metadata_hmac": signature(path, signing_key(create=True)) if path.is_dir() else None,
             "last_accuracy": evals[-1].accuracy if evals else None,
         }
         _atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=1))
