@@ -10,7 +10,8 @@ epoch, a resumed run). One batch = one optimiser update. ``update_accounting``:
   number of samples, so every method gets the same number of optimiser updates per iteration.
 - ``reference``: one pass over the iteration's training samples in mini-batches of ``batch_size ×
   rows_per_prompt`` sequences per rank, as the reference's verl runs (``ppo_mini_batch_size`` prompts ×
-  ``rollout.n`` rows); the number of updates follows the number of samples (PAPER.md section 8, weakness 2).
+  ``rollout.n`` rows); the number of updates follows the number of samples, so a method that draws more
+  samples also makes more updates.
   Every rank runs the same number, ceil(all ranks' samples / (mini-batch × ranks)), each cutting its own
   samples into that many near-equal batches.
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from dibs.core.allocation import PromptStats
 from dibs.core.gvm import gini, variance_bound
+from dibs.lit.logs import log_step
 
 __all__ = ["allocation_metrics", "log_allocation_images"]
 
@@ -37,7 +38,7 @@ def log_allocation_images(trainer: L.Trainer, stats: PromptStats, n: np.ndarray,
     experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
     if experiment is None or not hasattr(experiment, "add_histogram"):
         return
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the callback's step (dibs.lit.rollout.log_step)
+    step = log_step(trainer)
     p, g = stats.accept_rate, stats.grad_norm
     experiment.add_histogram("alloc/n", n, step)
     experiment.add_histogram("alloc/p", p, step)

@@ -8,9 +8,16 @@ import logging
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["info", "peak_memory", "warn"]
+__all__ = ["info", "log_step", "peak_memory", "warn"]
 
 _log = logging.getLogger("dibs")
+
+
+def log_step(trainer) -> int:
+    """The step of every point the kit logs: Lightning's count of batches run (updates, or update slots an
+    iteration skipped), so an iteration without an update still gets steps of its own, and a point is logged at
+    the same step whether or not the run was resumed."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 @rank_zero_only

@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from dibs.core.logprobs import sequence_logprobs
 from dibs.core.losses import AGG_MODES, LOSSES, loss_denominator
 from dibs.core.schedules import warmup_cosine
+from dibs.lit.logs import log_step
 
 __all__ = ["EMModule"]
 
@@ -178,7 +179,7 @@ class EMModule(L.LightningModule):
         metrics["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         # Written to the loggers now, not after the batch-end hooks as ``self.log`` would: a checkpoint saved at this
         # update's end then already holds its point (a resume rewinds the event files to the save).
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = log_step(self.trainer)
         values = {k: float(v) for k, v in metrics.items()}
         for logger in self.loggers:
             logger.log_metrics(values, step=step)

@@ -1,11 +1,11 @@
 """The rollout callback: the E-step of every EM iteration, held-out evaluation and HF exports.
 
-Hook order (see DESIGN.md): Lightning reloads the train dataloader BEFORE ``on_train_epoch_start``, so
-the E-step for epoch k runs in ``on_train_epoch_end`` of epoch k − 1, where the epoch-end checkpoint then
-holds its rollouts. The first E-step, and any a resumed run lacks, runs when the DataModule is asked for a
-dataloader whose rollouts are missing (``EMDataModule.rollout_fn``): that is the first moment at which a
-resumed run's epoch, weights and DataModule state are all restored (``on_fit_start`` comes before the loop
-state is restored, and under FSDP strategies before the weights too).
+Hook order: Lightning reloads the train dataloader BEFORE ``on_train_epoch_start``, so the E-step for epoch
+k runs in ``on_train_epoch_end`` of epoch k − 1, where the epoch-end checkpoint (``dibs.lit.checkpoints``) then
+holds its rollouts. The first E-step runs when the DataModule is asked for a dataloader whose rollouts are
+missing (``EMDataModule.rollout_fn``); a resumed run finds them in its checkpoint (``on_fit_start`` comes before
+the loop state is restored, and under FSDP strategies before the weights too, so ``train.py`` tells the callback
+it resumes).
 Each E-step: push the policy's weights into the generator, allocate n_i per prompt, sample, verify, turn
 rewards into advantages by prompt group (``algo.loss``: RAFT's or GRPO's), recompute the old (and reference)
 log-probs with the training module (``dibs.lit.scoring``) and hand the training samples to the DataModule.
@@ -38,7 +38,7 @@ from dibs.lit.diagnostics import allocation_metrics, log_allocation_images
 from dibs.lit.dist import reduce_sum
 from dibs.lit.estimates import PilotStats, to_global
 from dibs.lit.evaluation import EvalPlan, EvalResult, eval_seed, evaluate, format_summary, val_metrics
-from dibs.lit.logs import info, peak_memory, warn
+from dibs.lit.logs import info, log_step, peak_memory, warn
 from dibs.lit.scoring import ADVANTAGES, build_trajectories, score_trajectories, select_training
 from dibs.lit.weights import export_policy, iter_full_tensors
 from dibs.rollout.base import Completion, Generator, SamplingParams, check_logprob_gap
@@ -423,12 +423,6 @@ class RolloutCallback(L.Callback):
                 f"    {p.problem}\n\n    {c.text}"
             )
         trainer.logger.experiment.add_text("rollout/samples", "\n\n---\n\n".join(rows), log_step(trainer))
-
-
-def log_step(trainer: L.Trainer) -> int:
-    """The step of the callback's points: Lightning's own for the training metrics (batches run, updates or skipped
-    update slots), so an iteration without an update still gets steps of its own."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def _regroup(values: Sequence[Any], groups: Sequence[Sequence[Any]]) -> list[list[Any]]:
