@@ -61,16 +61,11 @@ def main(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
 
     from dibs.core.budget import Budget
+    from dibs.core.losses import get_algorithm
     from dibs.data.benchmarks import check_benchmarks
     from dibs.data.pools import describe_shards
     from dibs.data.prompts import PromptTemplate
-    from dibs.lit.assemble import (
-        build_eval_plan,
-        check_update_accounting,
-        prepare_policy,
-        rows_per_prompt,
-        schedule_horizon,
-    )
+    from dibs.lit.assemble import build_eval_plan, check_update_accounting, prepare_policy, schedule_horizon
     from dibs.lit.checkpoints import IterationCheckpoint
     from dibs.lit.datamodule import EMDataModule
     from dibs.lit.module import EMModule
@@ -111,7 +106,23 @@ def main(cfg: DictConfig) -> float:
         template=template,
         max_prompt_tokens=cfg.eval.max_prompt_tokens,
     )
-    allocator = instantiate(cfg.allocation)
+    strategy = instantiate(cfg.allocation)  # the sampling strategy (dibs.core.sampling)
+    algo = plain(cfg.algo)
+    algorithm = get_algorithm(algo.pop("loss"))  # the one lookup: advantages for the E-step, loss for the M-step
+    e_step = {k: algo.pop(k) for k in ("keep_rejected", "recompute_old_logprobs", "filter_equal_groups")}
+    rollout = RolloutCallback(
+        instantiate(cfg.rollout.generator)(model=policy, tokenizer=tokenizer),
+        instantiate(cfg.reward),
+        strategy,
+        tokenizer,
+        algorithm=algorithm,
+        sampling=sampling,
+        evaluation=evaluation,
+        **e_step,
+        export_dir=str(run_dir / "hf"),
+        seed=cfg.seed,
+        budget=budget,
+    )
     datamodule = EMDataModule(
         task.train,
         tokenizer,
@@ -121,9 +132,10 @@ def main(cfg: DictConfig) -> float:
         batch_size=cfg.batch_size,
         updates_per_iteration=cfg.updates_per_iteration,
         update_accounting=cfg.update_accounting,
-        rows_per_prompt=rows_per_prompt(allocator),
+        rows_per_prompt=strategy.rows_per_prompt,
         max_prompt_tokens=cfg.max_prompt_tokens,
         seed=cfg.seed,
+        source=rollout,
     )
     if datamodule.dropped:  # a Numina-sized pool can drop thousands: the count, and a few examples
         log.warning(
@@ -139,32 +151,18 @@ def main(cfg: DictConfig) -> float:
 
     horizon = schedule_horizon(
         budget,
-        allocator,
+        strategy,
         cfg.iterations,
         cfg.updates_per_iteration,
         len(datamodule.iteration_prompts(0)),
         update_accounting=cfg.update_accounting,
     )
-    algo = plain(cfg.algo)
-    e_step = {k: algo.pop(k) for k in ("keep_rejected", "recompute_old_logprobs", "filter_equal_groups")}
     module = EMModule(
         policy,
+        algorithm,
         **algo,
         total_updates=horizon * cfg.updates_per_iteration,
         activation_checkpointing=cfg.activation_checkpointing,
-    )
-    rollout = RolloutCallback(
-        instantiate(cfg.rollout.generator)(model=policy, tokenizer=tokenizer),
-        instantiate(cfg.reward),
-        allocator,
-        tokenizer,
-        sampling=sampling,
-        evaluation=evaluation,
-        loss=algo["loss"],
-        **e_step,
-        export_dir=str(run_dir / "hf"),
-        seed=cfg.seed,
-        budget=budget,
     )
     # last.ckpt after the first E-step, every iteration (holding the next iteration's rollouts) and every
     # checkpoint.every_updates updates: a run killed at any moment resumes with `ckpt_path=last`.

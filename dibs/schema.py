@@ -16,7 +16,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dibs.core.losses import ALGORITHMS
 
 __all__ = ["ConfigError", "validate_config"]
 
@@ -51,39 +53,53 @@ class Rollout(_Open):
 
 
 class Allocation(_Open):
-    n_per_prompt: int = Field(ge=1)
-    pilot_samples: int | None = Field(default=None, ge=1)  # GVM's N' (uniform best-of-n has no pilot)
-    alpha: float = Field(default=1e-3, gt=0)
-    beta: float = Field(default=2.0, gt=0)
-    filter_threshold: float = Field(default=1.0, ge=0, le=1)
-    filter_insufficient: float = Field(default=0.0, ge=0)
-    rounding: Literal["largest_remainder", "low_p_first"] = "largest_remainder"
+    """Ranges of the strategies' keys; a key a strategy does not have stays None. Each strategy's own dataclass
+    (``dibs.core.sampling``) says which keys it needs, when train.py builds it before any work."""
+
+    n_per_prompt: int | None = Field(default=None, ge=1)
+    pilot_samples: int | None = Field(default=None, ge=1)  # GVM's N'
+    alpha: float | None = Field(default=None, gt=0)
+    beta: float | None = Field(default=None, gt=0)
+    filter_threshold: float | None = Field(default=None, ge=0, le=1)
+    filter_insufficient: float | None = Field(default=None, ge=0)
+    rounding: Literal["largest_remainder", "low_p_first"] | None = None
     prior: tuple[float, float] | None = None
-    reserve: float = Field(default=0.0, ge=0, le=1)
-    min_per_prompt: int = Field(default=0, ge=0)
+    reserve: float | None = Field(default=None, ge=0, le=1)
+    min_per_prompt: int | None = Field(default=None, ge=0)
     max_per_prompt: int | None = Field(default=None, ge=1)
-    align: int = Field(default=1, ge=1)
-    grad_param: Literal["lm_head", "embed_tokens", "all", "none"] = "lm_head"
-    grad_reduction: Literal["sum", "mean"] = "sum"
-    refresh_every: int = Field(default=1, ge=1)
+    align: int | None = Field(default=None, ge=1)
+    grad_param: Literal["lm_head", "embed_tokens", "all", "none"] | None = None
+    grad_reduction: Literal["sum", "mean"] | None = None
+    refresh_every: int | None = Field(default=None, ge=1)
+    per_round: int | None = Field(default=None, ge=1)
+    solved_at: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _relations(self) -> Allocation:
         if self.prior is not None and min(self.prior) <= 0:
             raise ValueError(f"prior={list(self.prior)}: both Beta parameters must be > 0")
-        if self.max_per_prompt is not None and self.max_per_prompt < self.min_per_prompt:
+        if self.max_per_prompt is not None and self.max_per_prompt < (self.min_per_prompt or 0):
             raise ValueError(f"max_per_prompt={self.max_per_prompt} is below min_per_prompt={self.min_per_prompt}")
         return self
 
 
 class Algo(_Open):
-    loss: Literal["raft", "raftpp", "grpo", "drgrpo"]
-    clip_low: float = Field(ge=0)
-    clip_high: float = Field(ge=0)
-    clip_ratio_c: float = Field(default=3.0, gt=1)
+    loss: str
+    loss_scope: Literal["update", "micro_batch"]
+
+    @field_validator("loss")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in ALGORITHMS:
+            raise ValueError(f"{value!r} is not one of {sorted(ALGORITHMS)}")
+        return value
+
+    clip_low: float | None = Field(default=None, ge=0)  # None: a loss without a clipped ratio (RAFT)
+    clip_high: float | None = Field(default=None, ge=0)
+    clip_ratio_c: float | None = Field(default=None, gt=1)  # GRPO's dual clip
     kl_coef: float = Field(ge=0)
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
-    micro_batch_size: int | None = Field(default=None, ge=1)
+    micro_batch_size: int | None = Field(ge=1)
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_updates: int = Field(ge=0)

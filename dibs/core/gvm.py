@@ -1,14 +1,14 @@
-"""GVM allocation (PAPER.md sections 2 and 8): per-prompt sample counts that minimise the M-step's gradient
-variance bound under a total budget N, with the reference's filters and rounding and the kit's fixes.
+"""GVM allocation: per-prompt sample counts that minimise the M-step's gradient variance bound under a total
+budget N, with the reference's filters and rounding and the kit's fixes (docs/method.md, "Allocation").
 
-Proposition 1 minimises  Σ_i G_i² / (p_i n_i) · 1 / (1 + α / p_i^β)  subject to Σ_i n_i = N:
+Proposition 1 of the GVM paper minimises  Σ_i G_i² / (p_i n_i) · 1 / (1 + α / p_i^β)  subject to Σ_i n_i = N:
 
     w_i = G_i / sqrt(p_i + α / p_i^(β−1))        (w_i = 0 when p_i == 0 or G_i == 0)
     x_i = N · w_i / Σ_l w_l                       (continuous), then integers with Σ n_i == N exactly
 
-The reference behaviour (``em/stage_2_calc_sample_size.py`` of RLHFlow/GVM) is the default: raw pilot rates,
-``filter_threshold`` and ``filter_insufficient`` applied to the normalised ratios in that order, and
-largest-remainder rounding (``np.round``, then ±1 on the largest residuals). Options, each off by default:
+The reference behaviour (``em/stage_2_calc_sample_size.py`` of RLHFlow/GVM) is what ``conf/allocation/gvm.yaml``
+sets: raw pilot rates, ``filter_threshold`` and ``filter_insufficient`` applied to the normalised ratios in that
+order, and largest-remainder rounding (``np.round``, then ±1 on the largest residuals). Options of ``GVMRule``:
 
 - ``rounding="low_p_first"``: the paper's appendix rule; floor, then the remaining samples one each to the
   prompts with the lowest acceptance rate.
@@ -33,11 +33,10 @@ from typing import Literal
 
 import numpy as np
 
-from dibs.core.allocation import PromptStats
-
 __all__ = [
     "Allocation",
-    "GVMAllocator",
+    "GVMRule",
+    "PromptStats",
     "gini",
     "gvm_allocate",
     "gvm_weights",
@@ -46,12 +45,22 @@ __all__ = [
 ]
 
 Rounding = Literal["largest_remainder", "low_p_first"]
+ROUNDINGS = ("largest_remainder", "low_p_first")
 
 
-def gvm_weights(p: np.ndarray, g: np.ndarray, alpha: float = 1e-3, beta: float = 2.0) -> np.ndarray:
+@dataclass(frozen=True)
+class PromptStats:
+    """Per-prompt estimates, one entry per prompt of the iteration (global, identical on every rank)."""
+
+    accept_rate: np.ndarray  # [P] float in [0, 1]
+    grad_norm: np.ndarray  # [P] float >= 0
+    samples: np.ndarray | None = None  # [P] how many samples each rate was measured on (None: unknown)
+
+
+def gvm_weights(p: np.ndarray, g: np.ndarray, alpha: float, beta: float) -> np.ndarray:
     """Proposition 1's unnormalised weights w_i = G_i / sqrt(p_i + α / p_i^(β−1)); 0 where p_i or G_i is 0.
 
-    >>> gvm_weights(np.array([0.25, 0.0, 0.5]), np.array([2.0, 1.0, 0.0]), alpha=0.0).round(6).tolist()
+    >>> gvm_weights(np.array([0.25, 0.0, 0.5]), np.array([2.0, 1.0, 0.0]), alpha=0.0, beta=2.0).round(6).tolist()
     [4.0, 0.0, 0.0]
     """
     p, g = np.asarray(p, dtype=np.float64), np.asarray(g, dtype=np.float64)
@@ -61,7 +70,7 @@ def gvm_weights(p: np.ndarray, g: np.ndarray, alpha: float = 1e-3, beta: float =
     return w
 
 
-def variance_bound(n: np.ndarray, p: np.ndarray, g: np.ndarray, alpha: float = 1e-3, beta: float = 2.0) -> float:
+def variance_bound(n: np.ndarray, p: np.ndarray, g: np.ndarray, alpha: float, beta: float) -> float:
     """The objective Σ_i G_i² / (p_i n_i) · 1 / (1 + α / p_i^β) over the prompts that contribute (p, G > 0).
 
     A contributing prompt given no sample makes the bound infinite.
@@ -111,7 +120,7 @@ def _water_fill(w: np.ndarray, total: float, lo: np.ndarray, hi: np.ndarray) -> 
 def round_to_budget(
     x: np.ndarray,
     total: int,
-    rule: Rounding = "largest_remainder",
+    rule: Rounding,
     p: np.ndarray | None = None,
     lo: np.ndarray | None = None,
     hi: np.ndarray | None = None,
@@ -157,6 +166,35 @@ def round_to_budget(
 
 
 @dataclass(frozen=True)
+class GVMRule:
+    """The allocation rule's settings (no defaults here: ``conf/allocation/gvm.yaml`` holds them)."""
+
+    alpha: float
+    beta: float
+    filter_threshold: float  # off at 1 (and at 0, the reference script's default): n_i = 0 when p_i > threshold
+    filter_insufficient: float  # off at 0: n_i = 0 when p_i · share_i · N < value
+    rounding: Rounding
+    prior: tuple[float, float] | None  # Beta(a, b) pseudo-counts on p_i
+    reserve: float  # fraction of N spread over the prompts the pilot never solved
+    min_per_prompt: int
+    max_per_prompt: int | None
+    align: int  # the total made a multiple of this by removing samples
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding={self.rounding!r} is not 'largest_remainder' or 'low_p_first'")
+        if self.prior is not None:
+            if len(self.prior) != 2 or min(self.prior) <= 0:
+                raise ValueError(f"prior={self.prior!r} must be two positive Beta pseudo-counts (a, b)")
+            object.__setattr__(self, "prior", (float(self.prior[0]), float(self.prior[1])))
+        if self.align < 1 or not 0.0 <= self.reserve <= 1.0 or self.min_per_prompt < 0:
+            raise ValueError(
+                f"bad allocation settings: align={self.align}, reserve={self.reserve}, "
+                f"min_per_prompt={self.min_per_prompt}"
+            )
+
+
+@dataclass(frozen=True)
 class Allocation:
     n: np.ndarray  # [P] int64, Σ n == total
     weights: np.ndarray  # [P] the Proposition 1 weights after filters (unnormalised)
@@ -165,34 +203,20 @@ class Allocation:
     budget: int  # N asked for
     total: int  # Σ n (== budget unless align trimmed it)
     fallback: bool  # every weight was zero: the budget was spread uniformly
+    alpha: float  # the rule's α and β, with which ``variance_bound`` reads this allocation
+    beta: float
 
 
-def gvm_allocate(
-    stats: PromptStats,
-    budget: int,
-    *,
-    alpha: float = 1e-3,
-    beta: float = 2.0,
-    filter_threshold: float = 1.0,
-    filter_insufficient: float = 0.0,
-    rounding: Rounding = "largest_remainder",
-    prior: tuple[float, float] | None = None,
-    reserve: float = 0.0,
-    min_per_prompt: int = 0,
-    max_per_prompt: int | None = None,
-    align: int = 1,
-) -> Allocation:
+def gvm_allocate(stats: PromptStats, budget: int, rule: GVMRule) -> Allocation:
     """The GVM allocation of ``budget`` samples over the prompts of ``stats`` (see the module docstring)."""
     p_raw = np.asarray(stats.accept_rate, dtype=np.float64)
     g = np.asarray(stats.grad_norm, dtype=np.float64).copy()
     count = len(p_raw)
     if count == 0:
         raise ValueError("no prompt to allocate samples to")
-    if budget < 0 or align < 1 or not 0.0 <= reserve <= 1.0 or min_per_prompt < 0:
-        raise ValueError(
-            f"bad allocation settings: budget={budget}, align={align}, reserve={reserve}, "
-            f"min_per_prompt={min_per_prompt}"
-        )
+    if budget < 0:
+        raise ValueError(f"bad allocation settings: budget={budget}")
+    align, min_per_prompt, max_per_prompt = rule.align, rule.min_per_prompt, rule.max_per_prompt
     cap = max_per_prompt if max_per_prompt is not None else budget
     aligned = budget - budget % align
     if min_per_prompt * count > aligned or cap * count < aligned or cap < min_per_prompt:
@@ -202,28 +226,28 @@ def gvm_allocate(
         )
     solved = p_raw > 0
     p = p_raw
-    if prior is not None:
-        a, b = prior
+    if rule.prior is not None:
+        a, b = rule.prior
         m = np.asarray(stats.samples if stats.samples is not None else np.ones(count), dtype=np.float64)
         p = (p_raw * m + a) / (m + a + b)
         if np.any(solved & (g > 0)):
             g[~solved] = g[solved & (g > 0)].mean()  # no accepted sample, no measured gradient: the solved mean
-    w = gvm_weights(p, g, alpha, beta)
+    w = gvm_weights(p, g, rule.alpha, rule.beta)
     # the reference's filters, in its order, on the ratios normalised once
     ratio = w / w.sum() if w.sum() > 0 else w
-    if 0.0 < filter_threshold < 1.0:  # off at 1 (and at 0, the reference script's default)
-        ratio = np.where(p <= filter_threshold, ratio, 0.0)
-    if filter_insufficient > 0:
-        ratio = np.where(p * ratio * budget >= filter_insufficient, ratio, 0.0)
+    if 0.0 < rule.filter_threshold < 1.0:  # off at 1 (and at 0, the reference script's default)
+        ratio = np.where(p <= rule.filter_threshold, ratio, 0.0)
+    if rule.filter_insufficient > 0:
+        ratio = np.where(p * ratio * budget >= rule.filter_insufficient, ratio, 0.0)
     w = np.where(ratio > 0, w, 0.0)
 
-    total = budget - budget % align  # aligned by taking away, never by adding
+    total = aligned  # aligned by taking away, never by adding
     lo = np.full(count, min_per_prompt, dtype=np.float64)
     hi = np.full(count, cap, dtype=np.float64)
     fallback = not np.any(w > 0)
     reserved = np.zeros(count)
-    if reserve > 0 and np.any(~solved) and not fallback:
-        share = reserve * total / np.count_nonzero(~solved)
+    if rule.reserve > 0 and np.any(~solved) and not fallback:
+        share = rule.reserve * total / np.count_nonzero(~solved)
         reserved[~solved] = np.minimum(share, hi[~solved])
     rest = total - reserved.sum()
     if fallback:
@@ -231,70 +255,7 @@ def gvm_allocate(
     else:
         scaled = w / w.max()  # only the ratios matter; keeps the bisection away from float limits
         x = reserved + _water_fill(scaled, rest, np.maximum(lo - reserved, 0.0), hi - reserved)
-    n = round_to_budget(x, total, rounding, p=p, lo=lo.astype(np.int64), hi=hi.astype(np.int64))
-    return Allocation(n=n, weights=w, p=p, g=g, budget=budget, total=total, fallback=fallback)
-
-
-@dataclass(frozen=True)
-class GVMAllocator:
-    """The Allocator for GVM: N = ``n_per_prompt`` × prompts, after a pilot of ``pilot_samples`` per prompt."""
-
-    n_per_prompt: int = 8
-    pilot_samples: int = 8
-    alpha: float = 1e-3
-    beta: float = 2.0
-    filter_threshold: float = 1.0
-    filter_insufficient: float = 0.0
-    rounding: Rounding = "largest_remainder"
-    prior: tuple[float, float] | None = None
-    reserve: float = 0.0
-    min_per_prompt: int = 0
-    max_per_prompt: int | None = None
-    align: int = 1
-    # how the E-step measures and uses the pilot (read by the rollout callback, not by the allocation math)
-    grad_param: str = "lm_head"  # what G_i is measured on: lm_head | embed_tokens | all (parameters) | none (G_i = 1)
-    grad_reduction: str = "sum"  # −Σ_t log π (the reference) or the per-token mean
-    grad_in_generator: bool = True  # lm_head's G_i from the generator's log-prob pass, where the backend can
-    reuse_pilot: bool = True  # the pilot samples count towards n_i (the reference discards them)
-    refresh_every: int = 1  # pilot every prompt every k iterations; in between, only prompts never estimated
-    online: bool = False  # no pilot for prompts estimated before: p_i, G_i from their last training samples
-
-    def __post_init__(self) -> None:
-        if self.n_per_prompt < 1 or self.pilot_samples < 1:
-            raise ValueError(
-                f"n_per_prompt and pilot_samples must be >= 1, got {self.n_per_prompt}, {self.pilot_samples}"
-            )
-        if self.rounding not in ("largest_remainder", "low_p_first"):
-            raise ValueError(f"rounding={self.rounding!r} is not 'largest_remainder' or 'low_p_first'")
-        if self.refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
-        if self.grad_param not in ("embed_tokens", "lm_head", "all", "none"):
-            raise ValueError(f"grad_param={self.grad_param!r} is not 'lm_head', 'embed_tokens', 'all' or 'none'")
-        if self.prior is not None and (len(self.prior) != 2 or min(self.prior) <= 0):
-            raise ValueError(f"prior={self.prior!r} must be two positive Beta pseudo-counts (a, b)")
-
-    def budget(self, num_prompts: int) -> int:
-        return self.n_per_prompt * num_prompts
-
-    def plan(self, stats: PromptStats) -> Allocation:
-        return gvm_allocate(
-            stats,
-            self.budget(len(stats.accept_rate)),
-            alpha=self.alpha,
-            beta=self.beta,
-            filter_threshold=self.filter_threshold,
-            filter_insufficient=self.filter_insufficient,
-            rounding=self.rounding,
-            prior=tuple(self.prior) if self.prior is not None else None,
-            reserve=self.reserve,
-            min_per_prompt=self.min_per_prompt,
-            max_per_prompt=self.max_per_prompt,
-            align=self.align,
-        )
-
-    def allocate(self, num_prompts: int, stats: PromptStats | None = None) -> np.ndarray:
-        if stats is None:
-            raise ValueError("the GVM allocator needs pilot statistics (p_i, G_i)")
-        if len(stats.accept_rate) != num_prompts:
-            raise ValueError(f"statistics for {len(stats.accept_rate)} prompts, asked for {num_prompts}")
-        return self.plan(stats).n
+    n = round_to_budget(x, total, rule.rounding, p=p, lo=lo.astype(np.int64), hi=hi.astype(np.int64))
+    return Allocation(
+        n=n, weights=w, p=p, g=g, budget=budget, total=total, fallback=fallback, alpha=rule.alpha, beta=rule.beta
+    )

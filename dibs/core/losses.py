@@ -1,4 +1,4 @@
-"""Advantages and policy-gradient losses of the EM M-step (PAPER.md section 5), pure torch.
+"""Advantages and policy-gradient losses of the EM M-step (docs/method.md, "The M-step"), pure torch.
 
 All tensors are aligned on response positions: ``logp[b, t]`` is log π(token t+1 | prefix) for the
 training policy, ``mask[b, t]`` is 1 where that target token belongs to the response.
@@ -13,7 +13,7 @@ Losses, per token, with ratio = exp(log π − log π_old):
 - RAFT:     ℓ = −A · log π                                                  (SFT on accepted samples)
 - RAFT++:   ℓ = max(−A · ratio, −A · clip(ratio, 1 − ε_low, 1 + ε_high))   (ε_high > ε_low: clip-higher)
 - GRPO:     the RAFT++ ℓ, and for A < 0 the dual clip ℓ = min(ℓ, −A · c), c = 3
-- Dr.GRPO:  the GRPO loss; only its advantages differ (PAPER.md: "Dr.GRPO variant: no std division").
+- Dr.GRPO:  the GRPO loss; only its advantages differ (the GVM paper's "Dr.GRPO variant: no std division").
 Optional KL to a frozen reference (k3 "low_var_kl"): with k = log π_ref − log π,
 ℓ += β · clamp(exp(k) − k − 1, −10, 10).
 
@@ -25,11 +25,16 @@ Aggregation of ℓ (``aggregate``), as verl's ``agg_loss``:
 Passing ``denom`` = ``loss_denominator`` of the WHOLE batch (summed over micro-batches / all-reduced over
 ranks) makes the micro-batch losses, and their gradients, add up to the whole batch's. Dr.GRPO's constant
 normaliser (Liu et al.) is "seq-mean-token-sum" with ``denom`` = n_sequences × max_response_len.
+
+``ALGORITHMS`` is the one registry of ``algo.loss``: its name → advantages, loss, and whether its negative
+advantages live on the rejected samples (which must then be kept). The loss options (clip ranges, dual clip,
+aggregation, KL coefficient) have no defaults here: ``conf/algo/*.yaml`` hold them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -47,7 +52,9 @@ __all__ = [
     "raft_loss",
     "raftpp_loss",
     "grpo_loss",
-    "LOSSES",
+    "ALGORITHMS",
+    "Algorithm",
+    "get_algorithm",
 ]
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -115,7 +122,7 @@ def grpo_advantages(
 ) -> torch.Tensor:
     """GRPO advantage (r − mean_g) / (std_g + eps), std unbiased; ``norm_std=False`` is Dr.GRPO (r − mean_g).
 
-    A group of one gets A = r (PAPER.md section 5: "a group of one gets A = r"; verl sets mean 0, std 1 and
+    A group of one gets A = r (docs/method.md; verl sets mean 0, std 1 and
     so returns r / (1 + eps), a 1e-6 relative difference). Equal-reward groups get exactly 0, where the mean's
     rounding would otherwise leave ~1e-11 noise."""
     r = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())  # [B]
@@ -132,7 +139,7 @@ def grpo_advantages(
 
 
 def drgrpo_advantages(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Dr.GRPO advantage r − mean_g: GRPO without the std division (PAPER.md section 5)."""
+    """Dr.GRPO advantage r − mean_g: GRPO without the std division."""
     return grpo_advantages(rewards, group, norm_std=False)
 
 
@@ -170,10 +177,10 @@ def raft_loss(
     mask: torch.Tensor,
     advantages: torch.Tensor,
     *,
-    agg: str = "token-mean",
+    agg: str,
+    kl_coef: float,
     denom: float | torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
 ) -> LossOutput:
     """−A · log π. ``old_logp`` is unused (kept so every loss has one signature)."""
     del old_logp
@@ -221,12 +228,12 @@ def raftpp_loss(
     mask: torch.Tensor,
     advantages: torch.Tensor,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    agg: str = "token-mean",
+    clip_low: float,
+    clip_high: float,
+    agg: str,
+    kl_coef: float,
     denom: float | torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
 ) -> LossOutput:
     """RAFT++: PPO clipped surrogate on RAFT advantages; clip_high > clip_low is "clip-higher". No dual clip:
     RAFT advantages are never negative."""
@@ -240,19 +247,39 @@ def grpo_loss(
     mask: torch.Tensor,
     advantages: torch.Tensor,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_ratio_c: float = 3.0,
-    agg: str = "token-mean",
+    clip_low: float,
+    clip_high: float,
+    clip_ratio_c: float,
+    agg: str,
+    kl_coef: float,
     denom: float | torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
 ) -> LossOutput:
     """GRPO / Dr.GRPO: the RAFT++ surrogate plus the dual clip c for A < 0. The paper's GRPO runs use no
     clip-higher and a KL of 0.001 to the frozen reference; Dr.GRPO differs only in ``drgrpo_advantages``
-    (PAPER.md section 5 names no other change, so it keeps the reference's token-mean)."""
+    (the GVM paper names no other change, so it keeps the reference's token-mean)."""
     per_token, metrics = _clipped_surrogate(logp, old_logp, mask, advantages, clip_low, clip_high, clip_ratio_c)
     return _finish(per_token, logp, mask, metrics, agg=agg, denom=denom, ref_logp=ref_logp, kl_coef=kl_coef)
 
 
-LOSSES = {"raft": raft_loss, "raftpp": raftpp_loss, "grpo": grpo_loss, "drgrpo": grpo_loss}
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    advantages: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rewards [S], group [S]) -> [S]
+    loss: Callable[..., LossOutput]
+    needs_rejected: bool  # negative advantages live on the rejected samples: algo.keep_rejected must be true
+
+
+ALGORITHMS = {
+    "raft": Algorithm("raft", lambda rewards, group: raft_advantages(rewards), raft_loss, False),
+    "raftpp": Algorithm("raftpp", lambda rewards, group: raft_advantages(rewards), raftpp_loss, False),
+    "grpo": Algorithm("grpo", grpo_advantages, grpo_loss, True),
+    "drgrpo": Algorithm("drgrpo", drgrpo_advantages, grpo_loss, True),
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The registry's entry for ``algo.loss``."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"algo.loss={name!r} is not one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]

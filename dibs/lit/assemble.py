@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from dibs import __version__
-from dibs.core.allocation import Allocator, UniformAllocator
 from dibs.core.budget import Budget
+from dibs.core.sampling import Strategy
 from dibs.core.verifier import MathVerifier
 from dibs.data.benchmarks import load_benchmarks
 from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
@@ -34,7 +34,7 @@ from dibs.modeling import DTYPES, build_tiny_qwen2, count_parameters, load_pretr
 from dibs.rollout.base import SamplingParams
 from dibs.rollout.hf import HFGenerator
 
-__all__ = ["build_eval_plan", "check_update_accounting", "prepare_policy", "rows_per_prompt", "schedule_horizon"]
+__all__ = ["build_eval_plan", "check_update_accounting", "prepare_policy", "schedule_horizon"]
 
 
 def prepare_policy(
@@ -223,21 +223,14 @@ def check_update_accounting(update_accounting: str, lr_schedule: str) -> None:
         )
 
 
-def rows_per_prompt(allocator: Allocator) -> int:
-    """Sequences per prompt in a mini-batch of ``update_accounting=reference``: the reference's uniform runs
-    count verl's ``ppo_mini_batch_size`` in prompts of ``rollout.n`` rows each; its GVM runs expand each of a
-    prompt's n_i samples to a row of its own (``rollout.n = 1``)."""
-    return allocator.n_per_prompt if isinstance(allocator, UniformAllocator) else 1
-
-
 def schedule_horizon(
     budget: Budget,
-    allocator: Allocator,
+    strategy: Strategy,
     iterations: int,
     updates_per_iteration: int,
     prompts: int,
     *,
-    update_accounting: str = "fixed",
+    update_accounting: str,
 ) -> int:
     """Iterations the learning-rate schedule spans: ``iterations``, or fewer when a budget ends the run sooner.
 
@@ -248,7 +241,7 @@ def schedule_horizon(
     if not budget.enabled or update_accounting == "reference":
         return iterations
     per_iteration = {
-        "samples_per_iteration": allocator.pilot_samples * prompts + allocator.budget(prompts),
+        "samples_per_iteration": strategy.max_samples(prompts),
         "updates_per_iteration": updates_per_iteration,
     }
     needed = budget.planned_iterations(10**9, **per_iteration)

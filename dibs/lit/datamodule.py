@@ -1,10 +1,10 @@
 """The EM DataModule: re-samples the iteration's prompts every epoch and serves its trajectories.
 
 Every rank draws the same global prompts for the iteration (``pool_sampling``: a random subset seeded by the
-iteration, or the iteration's shard of the once-shuffled pool, ``dibs.data.pools``) and keeps its own slice. The
-rollout callback fills in the trajectories before the epoch starts: in the previous epoch's
-``on_train_epoch_end``, or through ``rollout_fn`` when ``train_dataloader()`` finds them missing (the first
-epoch, a resumed run). One batch = one optimiser update. ``update_accounting``:
+iteration, or the iteration's shard of the once-shuffled pool, ``dibs.data.pools``) and keeps its own slice
+(``prompts_for``). Its ``source`` (the rollout callback, given at construction) runs the E-step and hands back the
+trajectories before the epoch starts: at the previous epoch's end, or when ``train_dataloader()`` finds them
+missing (the first epoch, a resumed run). One batch = one optimiser update. ``update_accounting``:
 
 - ``fixed`` (default): exactly ``updates_per_iteration`` batches of ``batch_size`` sequences, whatever the
   number of samples, so every method gets the same number of optimiser updates per iteration.
@@ -25,9 +25,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Protocol, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from transformers import PreTrainedTokenizerBase
@@ -38,7 +39,14 @@ from dibs.data.prompts import PromptTemplate, encode_prompts
 from dibs.data.records import Problem
 from dibs.lit.dist import gather_per_rank, pick_own
 
-__all__ = ["UPDATE_ACCOUNTING", "Trajectory", "collate_trajectories", "EMDataModule"]
+__all__ = [
+    "UPDATE_ACCOUNTING",
+    "EMDataModule",
+    "IterationPrompts",
+    "RolloutSource",
+    "Trajectory",
+    "collate_trajectories",
+]
 
 
 UPDATE_ACCOUNTING = ("fixed", "reference")
@@ -54,6 +62,20 @@ class Trajectory:
     group: int  # the prompt's index in the train pool: GRPO's group
     sampler_logprobs: torch.Tensor | None = None  # [T] float32, the generator's log-probs
     ref_logprobs: torch.Tensor | None = None  # [T] float32, the frozen reference's (KL), when kept
+
+
+@dataclass(frozen=True)
+class IterationPrompts:
+    """An iteration's prompts as an E-step sees them."""
+
+    pool: np.ndarray  # [P] train-pool index of every prompt of the iteration (global, the same on all ranks)
+    token_ids: Sequence[Sequence[int]]  # this rank's prompts (positions rank::world)
+    answers: Sequence[str]  # their gold answers
+
+
+class RolloutSource(Protocol):
+    def rollouts(self, trainer: L.Trainer, iteration: int) -> None:
+        """Run ``iteration``'s E-step and hand its trajectories to ``set_trajectories``."""
 
 
 class _Batches:
@@ -134,13 +156,14 @@ class EMDataModule(L.LightningDataModule):
         *,
         template: PromptTemplate,
         prompts_per_iteration: int,
-        pool_sampling: str = "random",
+        pool_sampling: str,
         batch_size: int,
         updates_per_iteration: int,
-        update_accounting: str = "fixed",
-        rows_per_prompt: int = 1,
-        max_prompt_tokens: int = 512,
-        seed: int = 0,
+        update_accounting: str,
+        rows_per_prompt: int,
+        max_prompt_tokens: int,
+        seed: int,
+        source: RolloutSource | None = None,
     ) -> None:
         super().__init__()
         if update_accounting not in UPDATE_ACCOUNTING:
@@ -164,7 +187,7 @@ class EMDataModule(L.LightningDataModule):
         self.trajectories: list[Trajectory] = []
         self.skip_updates = False
         self.updates = updates_per_iteration  # optimiser updates (batches) of the held iteration
-        self.rollout_fn: Callable[[int], None] | None = None  # set by the rollout callback: runs an E-step
+        self.source = source  # runs an E-step when the trajectories of the epoch about to run are missing
 
     def iteration_prompts(self, iteration: int, rank: int = 0, world_size: int = 1) -> list[int]:
         """Indices into the train pool of this rank's prompts for ``iteration`` (same draw on all ranks): a
@@ -172,6 +195,15 @@ class EMDataModule(L.LightningDataModule):
         count = min(self.prompts_per_iteration, len(self.train_problems))
         chosen = iteration_indices(len(self.train_problems), count, iteration, mode=self.pool_sampling, seed=self.seed)
         return [int(i) for i in chosen[rank::world_size]]
+
+    def prompts_for(self, iteration: int, rank: int = 0, world_size: int = 1) -> IterationPrompts:
+        """The iteration's prompts for an E-step on this rank."""
+        mine = self.iteration_prompts(iteration, rank, world_size)
+        return IterationPrompts(
+            pool=np.asarray(self.iteration_prompts(iteration), dtype=np.int64),
+            token_ids=[self.train_prompts[i] for i in mine],
+            answers=[self.train_problems[i].answer for i in mine],
+        )
 
     def set_trajectories(
         self,
@@ -194,8 +226,8 @@ class EMDataModule(L.LightningDataModule):
         # The epoch about to run. Not ``current_epoch``: a checkpoint saved at an epoch's end restores the ended
         # epoch there until the loop resets, after this call; ``processed`` already counts it.
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else self.iteration
-        if self.iteration != epoch and self.rollout_fn is not None:
-            self.rollout_fn(epoch)  # the first epoch (every later E-step runs at the end of the previous epoch)
+        if self.iteration != epoch and self.source is not None:
+            self.source.rollouts(self.trainer, epoch)  # the first epoch (later ones run at the previous epoch's end)
         if self.iteration < 0:
             raise RuntimeError("train_dataloader() called before an E-step filled the trajectories")
         return ResumableLoader(

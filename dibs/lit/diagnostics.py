@@ -1,36 +1,15 @@
-"""GVM allocation diagnostics for TensorBoard: how uneven the allocation is, what it buys against uniform at
-the same budget, and how well the pilot predicted stage 2's acceptance."""
+"""The allocation's pictures for TensorBoard: histograms of n_i, p_i and G_i, and n_i against p_i coloured by G_i
+(the scalars, ``alloc/*``, come with the E-step's result, ``dibs.lit.estep``)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import lightning as L
 import numpy as np
 
-from dibs.core.allocation import PromptStats
-from dibs.core.gvm import gini, variance_bound
+from dibs.core.gvm import PromptStats
 from dibs.lit.logs import log_step
 
-__all__ = ["allocation_metrics", "log_allocation_images"]
-
-
-def allocation_metrics(allocator: Any, stats: PromptStats, n: np.ndarray, realised: np.ndarray) -> dict[str, float]:
-    """Scalars of one allocation; ``realised`` = (predicted accepted, accepted, drawn) over stage 2's fresh samples."""
-    alpha, beta = getattr(allocator, "alpha", 1e-3), getattr(allocator, "beta", 2.0)
-    p, g = stats.accept_rate, stats.grad_norm
-    uniform = np.full(len(n), n.sum() / max(len(n), 1))
-    bound, base = variance_bound(n, p, g, alpha, beta), variance_bound(uniform, p, g, alpha, beta)
-    predicted, hits, fresh = realised
-    return {
-        "alloc/zero_frac": float(np.mean(n == 0)),
-        "alloc/gini": gini(n),
-        "alloc/variance_vs_uniform": bound / base if base > 0 else float("nan"),
-        "alloc/max_n": float(n.max()),
-        "alloc/pilot_unsolved_frac": float(np.mean(p == 0)),
-        "alloc/predicted_accept": predicted / fresh if fresh else float("nan"),
-        "alloc/realised_accept": hits / fresh if fresh else float("nan"),
-    }
+__all__ = ["log_allocation_images"]
 
 
 def log_allocation_images(trainer: L.Trainer, stats: PromptStats, n: np.ndarray, iteration: int) -> None:

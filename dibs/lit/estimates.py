@@ -1,12 +1,14 @@
-"""Pilot statistics for GVM: acceptance rates p_i and gradient norms G_i of the training policy.
+"""Gradient norms G_i for the E-step: ‖∂(−Σ_t log π(y_t | x, y_<t))/∂θ‖ of a prompt's accepted samples.
 
-G_i w.r.t. ``lm_head`` (the default) comes from the generator's own log-prob pass when the backend offers it
+G_i w.r.t. ``lm_head`` comes from the generator's own log-prob pass when the backend offers it
 (``Completion.head_grad_norm``; the generator holds the policy's current weights), so no forward runs here.
-Otherwise G_i is measured on the training policy with the fast paths of ``dibs.core.grad_norms``, on the
-accepted pilot samples of this rank's prompts, in chunks of at most ``token_budget`` tokens. Under FSDP2
-the forward passes are collectives, so every rank runs the same number of chunks (ranks with fewer accepted
-samples run small padding chunks whose result is discarded) and the embedding and output tables are
-gathered in full once.
+Otherwise G_i is measured on the training policy with the fast paths of ``dibs.core.grad_norms``, in chunks of
+at most ``token_budget`` tokens. Under FSDP2 the forward passes are collectives, so every rank runs the same
+number of chunks (ranks with fewer samples run small padding chunks whose result is discarded) and the
+embedding and output tables are gathered in full once.
+
+``GradSettings.eos`` false leaves the final EOS token out of the sum, as the reference does (it re-tokenises the
+decoded text, which has no EOS); the generator's closed form includes it, so that setting measures on the policy.
 """
 
 from __future__ import annotations
@@ -14,31 +16,17 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from dibs.core.allocation import PromptStats
 from dibs.core.batching import chunk_by_tokens, pad_right
 from dibs.core.grad_norms import all_grad_norms, grad_norms
-from dibs.lit.dist import reduce_sum
+from dibs.core.sampling import GradSettings
+from dibs.lit.dist import Dist
+from dibs.rollout.base import Completion
 
-__all__ = ["PilotStats", "accept_rates", "policy_grad_norms", "to_global"]
-
-
-def accept_rates(rewards: Sequence[Sequence[float]], threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt: the fraction of samples scored above ``threshold`` and the number of samples."""
-    counts = np.array([len(r) for r in rewards], dtype=np.float64)
-    hits = np.array([sum(x > threshold for x in r) for r in rewards], dtype=np.float64)
-    return np.divide(hits, counts, out=np.zeros_like(hits), where=counts > 0), counts
-
-
-def to_global(trainer: L.Trainer, local: np.ndarray, num_prompts: int) -> np.ndarray:
-    """This rank's values (its prompts are the global ones at rank::world) → the global array, on every rank."""
-    out = np.zeros(num_prompts, dtype=np.float64)
-    out[trainer.global_rank :: trainer.world_size] = local
-    return reduce_sum(trainer, out)
+__all__ = ["GradNormMeter", "policy_grad_norms"]
 
 
 def _full(weight: torch.Tensor) -> torch.Tensor:
@@ -46,7 +34,6 @@ def _full(weight: torch.Tensor) -> torch.Tensor:
 
 
 def policy_grad_norms(
-    trainer: L.Trainer,
     policy: Any,
     rows: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
@@ -54,13 +41,14 @@ def policy_grad_norms(
     reduction: str,
     token_budget: int,
     pad_id: int,
+    dist: Dist,
 ) -> np.ndarray:
     """‖∂(−Σ log π(response | prompt))/∂param‖ for each (prompt_ids, response_ids) row; [len(rows)]."""
     embed_param, head_param = policy.get_input_embeddings().weight, policy.get_output_embeddings().weight
     tied = embed_param is head_param
     embed = _full(embed_param).detach()
     head = embed if tied else _full(head_param).detach()
-    device = trainer.strategy.root_device
+    device = dist.device
 
     def hidden_fn(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # through the root module, whose FSDP2 hooks gather its own parameters (final norm, tables); the last
@@ -71,9 +59,9 @@ def policy_grad_norms(
     lengths = [len(p) + len(r) for p, r in rows]
     order = sorted(range(len(rows)), key=lengths.__getitem__)  # similar lengths share a chunk: less padding
     chunks = [[order[i] for i in c] for c in chunk_by_tokens([lengths[i] for i in order], 0, token_budget)]
-    counts = np.zeros(trainer.world_size)
-    counts[trainer.global_rank] = len(chunks)
-    rounds = int(reduce_sum(trainer, counts).max())  # every rank runs as many forwards (FSDP collectives)
+    counts = np.zeros(dist.world)
+    counts[dist.rank] = len(chunks)
+    rounds = int(dist.sum(counts).max())  # every rank runs as many forwards (FSDP collectives)
     out = np.zeros(len(rows))
     for k in range(rounds):
         chunk = chunks[k] if k < len(chunks) else None
@@ -93,103 +81,55 @@ def policy_grad_norms(
     return out
 
 
-class PilotStats:
-    """The E-step's p_i and G_i: measured from pilot samples, and kept per train prompt (identical on every
-    rank) so that ``refresh_every`` and the online mode can reuse them for prompts met before."""
+class GradNormMeter:
+    """Per-prompt mean G_i over given samples (0 for a prompt without one), from the generator's closed form or
+    the policy's fast paths. A collective on the policy path: every rank calls it as often."""
 
-    def __init__(self, allocator: Any, grad_token_budget: int, generator: Any = None) -> None:
-        self.allocator, self.grad_token_budget = allocator, grad_token_budget
-        self.store: dict[int, tuple[float, float, float]] = {}  # train prompt -> (p, G, samples) last seen
-        self.grad_s = 0.0  # seconds spent on G_i outside generation, reset by the E-step
-        # G_i w.r.t. lm_head straight from the generator's log-prob pass (no forward here), where it can;
-        # the same on every rank, as it depends on the configuration and the backend only
+    def __init__(
+        self, settings: GradSettings, *, policy: Any, dist: Dist, token_budget: int, pad_id: int, generator: Any
+    ) -> None:
+        self.settings, self.policy, self.dist = settings, policy, dist
+        self.token_budget, self.pad_id = token_budget, pad_id
+        # the same on every rank: it depends on the configuration and the backend only
         self.from_generator = (
-            getattr(allocator, "grad_param", None) == "lm_head"
-            and getattr(allocator, "grad_in_generator", False)
+            settings.param == "lm_head"
+            and settings.in_generator
+            and settings.eos
             and getattr(generator, "measures_head_grad_norms", False)
         )
+        self.seconds = 0.0  # spent measuring on the policy (the generator's closed form is within generation)
 
-    def generate_kwargs(self, stage: str) -> dict[str, bool]:
-        """Extra arguments for the generator: the pilot (and, in online mode, stage 2) asks for G_i."""
-        wanted = stage == "pilot" or getattr(self.allocator, "online", False)
-        return {"head_grad_norms": True} if self.from_generator and wanted else {}
-
-    def state(self) -> dict[str, list]:
-        return {"index": list(self.store), "values": [list(v) for v in self.store.values()]}
-
-    def load(self, state: dict[str, list]) -> None:
-        self.store = {int(i): tuple(v) for i, v in zip(state["index"], state["values"])}
-
-    def needs_pilot(self, iteration: int, indices: list[int]) -> list[bool]:
-        """Which of this rank's prompts get a pilot: all of them on a refresh iteration (every
-        ``refresh_every``), else (and always in online mode) only those without stored estimates."""
-        online = getattr(self.allocator, "online", False)
-        refresh = getattr(self.allocator, "refresh_every", 1)
-        if not online and iteration % max(refresh, 1) == 0:
-            return [True] * len(indices)
-        return [i not in self.store for i in indices]
-
-    def merge(self, global_indices: list[int], piloted: np.ndarray, fresh: PromptStats) -> PromptStats:
-        """The pilot's estimates where a pilot ran (and stored for later), the stored ones elsewhere."""
-        p, g, m = fresh.accept_rate.copy(), fresh.grad_norm.copy(), fresh.samples.copy()
-        for j, i in enumerate(global_indices):
-            if piloted[j]:
-                self.store[i] = (float(p[j]), float(g[j]), float(m[j]))
-            else:
-                p[j], g[j], m[j] = self.store[i]
-        return PromptStats(accept_rate=p, grad_norm=g, samples=m)
-
-    def online_update(self, trainer, dm, indices, groups, rewards, num_prompts: int, iteration: int) -> None:
-        """Online mode: each prompt's estimates from this iteration's training samples (p from all of them,
-        G from up to N' accepted ones), kept for the next time the prompt is drawn."""
-        cap = self.allocator.pilot_samples
-        capped = [[c for c, r in zip(g, rs) if r > 0.5][:cap] for g, rs in zip(groups, rewards)]
-        stats = self.measure(trainer, dm, indices, capped, [[1.0] * len(c) for c in capped], num_prompts)
-        p_local, m_local = accept_rates(rewards)
-        p = to_global(trainer, p_local, num_prompts)
-        m = to_global(trainer, m_local, num_prompts)
-        for j, i in enumerate(dm.iteration_prompts(iteration)):
-            if m[j] > 0:
-                self.store[i] = (float(p[j]), float(stats.grad_norm[j]), float(m[j]))
-
-    def measure(self, trainer, dm, indices, pilot, pilot_rewards, num_prompts: int) -> PromptStats:
-        """p_i from the pilot's verifier scores (> 0.5), G_i = mean gradient norm over each prompt's accepted
-        pilot samples (0 if none), measured on the training policy; global arrays, identical on every rank."""
-        p_local, m_local = accept_rates(pilot_rewards)
-        param = getattr(self.allocator, "grad_param", "embed_tokens")
-        if param == "none":  # GVM without G_i: 1/sqrt(p + α/p^(β−1)) weights only (G_i = 1 where solved)
-            g_local = (p_local > 0).astype(np.float64)
+    def per_prompt(self, prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Completion]]) -> np.ndarray:
+        """[len(groups)] this rank's per-prompt means; ``groups[j]``: the samples of ``prompts[j]`` to measure."""
+        count = len(groups)
+        if self.settings.param == "none":  # G_i = 1 where a sample is given (solved), 0 elsewhere
+            return np.array([float(len(g) > 0) for g in groups], dtype=np.float64)
+        owner = [j for j, g in enumerate(groups) for _ in g]
+        flat = [c for g in groups for c in g]
+        if self.from_generator:
+            norms = np.array([_generator_norm(c, self.settings.reduction) for c in flat], dtype=np.float64)
         else:
-            rows, owner, accepted = [], [], []
-            for j, (group, rewards) in enumerate(zip(pilot, pilot_rewards)):
-                for c, r in zip(group, rewards):
-                    if r > 0.5:
-                        rows.append((torch.as_tensor(dm.train_prompts[indices[j]]), torch.as_tensor(c.token_ids)))
-                        owner.append(j)
-                        accepted.append(c)
-            reduction = getattr(self.allocator, "grad_reduction", "sum")
-            if self.from_generator:
-                norms = np.array([_generator_norm(c, reduction) for c in accepted], dtype=np.float64)
-            else:
-                started = time.perf_counter()
-                norms = policy_grad_norms(
-                    trainer,
-                    trainer.lightning_module.policy,
-                    rows,
-                    param=param,
-                    reduction=reduction,
-                    token_budget=self.grad_token_budget,
-                    pad_id=dm.pad_id,
-                )
-                self.grad_s += time.perf_counter() - started
-            sums = np.bincount(owner, weights=norms, minlength=len(indices)) if owner else np.zeros(len(indices))
-            counts = np.bincount(owner, minlength=len(indices)) if owner else np.zeros(len(indices))
-            g_local = np.divide(sums, counts, out=np.zeros(len(indices)), where=counts > 0)
-        return PromptStats(
-            accept_rate=to_global(trainer, p_local, num_prompts),
-            grad_norm=to_global(trainer, g_local, num_prompts),
-            samples=to_global(trainer, m_local, num_prompts),
-        )
+            started = time.perf_counter()
+            rows = [(torch.as_tensor(prompts[j]), self._response(c)) for j, c in zip(owner, flat)]
+            norms = policy_grad_norms(
+                self.policy,
+                rows,
+                param=self.settings.param,
+                reduction=self.settings.reduction,
+                token_budget=self.token_budget,
+                pad_id=self.pad_id,
+                dist=self.dist,
+            )
+            self.seconds += time.perf_counter() - started
+        sums = np.bincount(owner, weights=norms, minlength=count) if owner else np.zeros(count)
+        counts = np.bincount(owner, minlength=count) if owner else np.zeros(count)
+        return np.divide(sums, counts, out=np.zeros(count), where=counts > 0)
+
+    def _response(self, completion: Completion) -> torch.Tensor:
+        ids = torch.as_tensor(completion.token_ids)
+        if not self.settings.eos and completion.finish_reason == "stop" and len(ids) > 1:
+            return ids[:-1]  # the reference's re-tokenised text has no EOS
+        return ids
 
 
 def _generator_norm(completion: Any, reduction: str) -> float:

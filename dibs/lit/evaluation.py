@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dibs.core.metrics import suite_averages
+from dibs.core.tags import VAL_ACC, VAL_LEVEL
 from dibs.core.verifier import extract_boxed
 from dibs.data.benchmarks import Benchmark
 from dibs.lit.metrics import BenchmarkMetrics
@@ -111,10 +112,10 @@ def val_metrics(result: EvalResult) -> dict[str, float]:
     ``val/acc`` with ``val/acc_level_<level>`` of the first benchmark (what the grid reports read)."""
     metrics = {f"val/{name}/{key}": value for name, scores in result.scores.items() for key, value in scores.items()}
     metrics.update({f"val/{name}": value for name, value in result.averages.items()})
-    metrics["val/acc"] = result.accuracy
+    metrics[VAL_ACC] = result.accuracy
     first = next(iter(result.scores.values()))
     prefix = f"avg@{result.samples}/level_"
-    metrics.update({f"val/acc_level_{k[len(prefix) :]}": v for k, v in first.items() if k.startswith(prefix)})
+    metrics.update({f"{VAL_LEVEL}{k[len(prefix) :]}": v for k, v in first.items() if k.startswith(prefix)})
     return metrics
 
 

@@ -8,7 +8,9 @@ One batch = one optimiser update. It runs in micro-batches of ``micro_batch_size
 accumulation) whose losses are normalised by the WHOLE update's denominator, summed over micro-batches and
 ranks (``dibs.core.losses.loss_denominator``), so the update does not depend on how the batch is cut nor on
 how the samples are spread over ranks: a rank with few or no samples no longer scales the others' gradient.
-DDP and FSDP2 average gradients over the W ranks, so each rank's loss is multiplied by W.
+DDP and FSDP2 average gradients over the W ranks, so each rank's loss is multiplied by W. ``loss_scope=micro_batch``
+restores the reference's actor instead (docs/reference.md, "Departures"): each micro-batch normalised by its own
+denominator, divided by the rank's number of micro-batches, and ranks averaged.
 
 ``activation_checkpointing`` recomputes every decoder layer's activations in the backward pass (transformers'
 gradient checkpointing), trading a second forward for the memory of long responses; gradients are unchanged.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import copy
 import inspect
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -32,7 +34,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from dibs.core.logprobs import sequence_logprobs
-from dibs.core.losses import AGG_MODES, LOSSES, loss_denominator
+from dibs.core.losses import Algorithm, loss_denominator
 from dibs.core.schedules import warmup_cosine
 from dibs.lit.logs import log_step
 
@@ -44,48 +46,44 @@ _TARGET_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [B, L-1]
 
 
 class EMModule(L.LightningModule):
+    """The settings are the ``algo`` group's (``conf/algo/*.yaml`` and ``conf/optim/adamw.yaml``, checked by
+    ``dibs.schema``); none has a default here. ``algorithm``: the registry's entry for ``algo.loss``."""
+
     def __init__(
         self,
         policy: torch.nn.Module,
+        algorithm: Algorithm,
         *,
-        loss: str = "raftpp",
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        clip_ratio_c: float = 3.0,
-        kl_coef: float = 0.0,
-        loss_agg: str = "token-mean",
-        micro_batch_size: int | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        temperature: float = 1.0,
-        grad_clip: float = 1.0,
-        warmup_updates: int = 0,
-        lr_schedule: str = "constant",
-        min_lr_ratio: float = 0.1,
-        total_updates: int = 0,
-        activation_checkpointing: bool = False,
+        kl_coef: float,
+        loss_agg: str,
+        loss_scope: Literal["update", "micro_batch"],
+        micro_batch_size: int | None,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        temperature: float,
+        grad_clip: float,
+        warmup_updates: int,
+        lr_schedule: str,
+        min_lr_ratio: float,
+        total_updates: int,
+        activation_checkpointing: bool,
+        clip_low: float | None = None,  # None: not an option of the algorithm's loss (RAFT has no ratio to clip)
+        clip_high: float | None = None,
+        clip_ratio_c: float | None = None,  # GRPO's dual clip
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"algo.lr_schedule={lr_schedule!r} is not 'constant' or 'cosine'")
-        if loss not in LOSSES:
-            raise ValueError(f"algo.loss={loss!r} is not one of {sorted(LOSSES)}")
-        if loss_agg not in AGG_MODES:
-            raise ValueError(f"algo.loss_agg={loss_agg!r} is not one of {AGG_MODES}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"algo.micro_batch_size={micro_batch_size} must be >= 1, or null for the whole batch")
-        if kl_coef < 0:
-            raise ValueError(f"algo.kl_coef={kl_coef} must be >= 0 (0: no KL to the reference)")
-        if clip_ratio_c <= 1:
-            raise ValueError(f"algo.clip_ratio_c={clip_ratio_c} must be > 1 (the dual clip's lower bound is 1)")
-        self.save_hyperparameters(ignore=["policy"])
+        self.save_hyperparameters(ignore=["policy", "algorithm"])
+        self.hparams["loss"] = algorithm.name
         self.policy = policy.train()  # π0 may arrive in eval mode from the warm-start cache
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False) if kl_coef > 0 else None
         options = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=loss_agg)
-        accepted = inspect.signature(LOSSES[loss]).parameters  # each loss takes the options it knows
-        self.loss_fn = partial(LOSSES[loss], **{k: v for k, v in options.items() if k in accepted})
+        accepted = inspect.signature(algorithm.loss).parameters  # each loss takes the options it knows
+        missing = [k for k, v in options.items() if k in accepted and v is None]
+        if missing:
+            raise ValueError(f"algo.loss={algorithm.name} needs {', '.join(f'algo.{k}' for k in missing)}")
+        self.loss_fn = partial(algorithm.loss, **{k: v for k, v in options.items() if k in accepted})
 
     def configure_model(self) -> None:
         if self.hparams.activation_checkpointing and not getattr(self.policy, "_dibs_checkpointed", False):
@@ -135,7 +133,11 @@ class EMModule(L.LightningModule):
             self.lr_schedulers().step()  # the schedule still counts the update slot, so it ends where planned
             return None
         optimizer = self.optimizers()
-        micro, denom, world = self._plan(batch)
+        micro, denom, world, own = self._plan(batch)
+        per_update = self.hparams.loss_scope == "update"
+        # update: one normaliser for the whole update, ×W against the ranks' gradient average; micro_batch (the
+        # reference's actor): each micro-batch's own normaliser, averaged over this rank's micro-batches
+        scale = world if per_update else 1.0 / own
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}  # metric · response tokens, summed over micro-batches
@@ -148,11 +150,11 @@ class EMModule(L.LightningModule):
                 mb["old_logprobs"],
                 mb["response_mask"],
                 mb["advantages"],
-                denom=denom,
+                denom=denom if per_update else None,
                 ref_logp=self._ref_logprobs(mb),
                 kl_coef=self.hparams.kl_coef,
             )
-            loss = out.loss * world  # DDP / FSDP2 average the gradients over ranks
+            loss = out.loss * scale
             self.manual_backward(loss)
             total += loss.detach()
             tokens = mb["response_mask"].sum()
@@ -192,8 +194,9 @@ class EMModule(L.LightningModule):
             raise RuntimeError("algo.kl_coef > 0 but the batch holds no reference log-probs (ref_logprobs)")
         return mb["ref_logprobs"]
 
-    def _plan(self, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], torch.Tensor, int]:
-        """The micro-batches this rank runs, the update's loss denominator over all ranks, and the world size.
+    def _plan(self, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], torch.Tensor, int, int]:
+        """The micro-batches this rank runs, the update's loss denominator over all ranks, the world size and
+        the number of this rank's own micro-batches (before the dummy ones).
 
         One all-reduce gives both the global denominator and the largest micro-batch count: FSDP2 forwards and
         DDP backwards are collectives, so ranks with fewer micro-batches run zero-weight dummy ones."""
@@ -207,12 +210,13 @@ class EMModule(L.LightningModule):
         stats[0], stats[1 + rank] = local, len(micro)
         if world > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        for _ in range(int(stats[1:].max()) - len(micro)):
+        own = len(micro)
+        for _ in range(int(stats[1:].max()) - own):
             dummy = self._slice(batch, slice(0, 1))
             dummy["response_mask"] = torch.zeros_like(dummy["response_mask"])
             dummy["row_mask"] = torch.zeros_like(dummy["row_mask"])
             micro.append(dummy)
-        return micro, stats[0].float(), world
+        return micro, stats[0].float(), world, own
 
     @staticmethod
     def _slice(batch: dict[str, Any], rows: slice) -> dict[str, Any]:

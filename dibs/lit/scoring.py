@@ -1,9 +1,9 @@
-"""The E-step's training side (DESIGN.md step 1f): each sample's advantage within its prompt's group, the
-samples the M-step trains on, and their old and reference log-probs computed by the training module.
+"""The E-step's training side (step 4 of ``dibs.lit.estep``): each sample's advantage within its prompt's
+group, the samples the M-step trains on, and their old and reference log-probs computed by the training module.
 
-Groups: a prompt's group is all of its training samples in the iteration (reused pilot samples kept within
-n_i plus stage 2's), of whatever size the allocation gave it. Prompts are sharded by rank, so a group never
-spans ranks and the advantages need no communication.
+Groups: a prompt's group is all of its kept samples in the iteration (every round's samples the strategy keeps,
+e.g. GVM's reused pilot samples within n_i plus stage 2's), of whatever size the strategy gave it. Prompts are
+sharded by rank, so a group never spans ranks and the advantages need no communication.
 
 Old log-probs: the importance ratio π_θ / π_old of RAFT++ and GRPO needs the log-probs of the policy that drew
 the samples. The generator's own (``Completion.logprobs``) come from another copy of the weights, another
@@ -16,41 +16,36 @@ as many forward calls (a rank with fewer chunks runs dummy ones), as ``dibs.lit.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 
 from dibs.core.batching import pad_right
-from dibs.core.losses import drgrpo_advantages, equal_reward_groups, grpo_advantages, raft_advantages
+from dibs.core.losses import equal_reward_groups
 from dibs.lit.datamodule import Trajectory
 from dibs.lit.dist import reduce_sum
 from dibs.rollout.base import Completion
 
-__all__ = ["ADVANTAGES", "build_trajectories", "select_training", "score_trajectories"]
-
-ADVANTAGES = {  # by algo.loss: (rewards [S], group [S]) -> advantages [S]
-    "raft": lambda rewards, group: raft_advantages(rewards),
-    "raftpp": lambda rewards, group: raft_advantages(rewards),
-    "grpo": grpo_advantages,
-    "drgrpo": drgrpo_advantages,
-}
+__all__ = ["build_trajectories", "select_training", "score_trajectories"]
 
 
 def build_trajectories(
-    prompts: Sequence[Any], samples: Sequence[tuple[int, Completion]], rewards: np.ndarray, loss: str
+    samples: Sequence[tuple[int, Sequence[int], Completion]],
+    rewards: np.ndarray,
+    advantages: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[list[Trajectory], list[bool]]:
-    """One trajectory per (train-pool index, completion), with its group's advantage and the sampler's
-    log-probs as old ones; and, per sample, whether its group (≥ 2 samples) has all-equal rewards (A = 0 for
-    GRPO and Dr.GRPO)."""
+    """One trajectory per (train-pool index, prompt ids, completion), with its group's advantage (the algorithm's
+    rule, ``dibs.core.losses.ALGORITHMS``) and the sampler's log-probs as old ones; and, per sample, whether its
+    group (≥ 2 samples) has all-equal rewards (A = 0 for GRPO and Dr.GRPO)."""
     reward = torch.as_tensor(rewards, dtype=torch.float32)  # [S]
-    group = torch.tensor([i for i, _ in samples], dtype=torch.long)  # [S]
-    advantages = ADVANTAGES[loss](reward, group).tolist()
+    group = torch.tensor([i for i, _, _ in samples], dtype=torch.long)  # [S]
+    advantage = advantages(reward, group).tolist()
     equal = equal_reward_groups(reward, group).tolist()
     trajectories = [
-        Trajectory(torch.as_tensor(prompts[i]), c.token_ids, c.logprobs, a, float(r), i, c.logprobs)
-        for (i, c), a, r in zip(samples, advantages, reward.tolist())
+        Trajectory(torch.as_tensor(ids), c.token_ids, c.logprobs, a, float(r), i, c.logprobs)
+        for (i, ids, c), a, r in zip(samples, advantage, reward.tolist())
     ]
     return trajectories, equal
 

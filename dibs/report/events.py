@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from dibs.core.tags import ALLOC_TAGS, COST, COST_UNITS, ITERATION, ITERATION_TAGS, VAL_ACC, VAL_LEVEL
+
 __all__ = [
     "ALLOC_TAGS",
     "COST_UNITS",
@@ -24,21 +26,10 @@ __all__ = [
     "read_curve",
 ]
 
-COST_UNITS = ("samples", "tokens", "updates", "wall_s")
-# Logged once per EM iteration, all optional: the E-step's training samples and acceptance, the pilot's cumulative
-# samples, and (GVM allocation runs only) the allocation diagnostics of dibs.lit.diagnostics.
-ITERATION_TAGS = ("rollout/accept_rate", "rollout/samples", "pilot/samples_cum")
-ALLOC_TAGS = (
-    "alloc/zero_frac",
-    "alloc/gini",
-    "alloc/variance_vs_uniform",
-    "alloc/pilot_unsolved_frac",
-    "alloc/predicted_accept",
-    "alloc/realised_accept",
-)
-_ITERATION = "iteration"  # the iteration number, logged with the rollout scalars
-_PER_ITERATION = frozenset((_ITERATION, *ITERATION_TAGS, *ALLOC_TAGS))
-_LEVEL = re.compile(r"^val/acc_level_(.+)$")
+# Logged once per EM iteration, all optional (dibs.core.tags): the E-step's training samples and acceptance, the
+# pilot's cumulative samples, and (allocating strategies only) the allocation diagnostics.
+_PER_ITERATION = frozenset((ITERATION, *ITERATION_TAGS, *ALLOC_TAGS))
+_LEVEL = re.compile(rf"^{re.escape(VAL_LEVEL)}(.+)$")
 
 
 class ReportError(ValueError):
@@ -94,30 +85,30 @@ def read_curve(run_dir: Path) -> Curve:
         acc = EventAccumulator(str(folder), size_guidance={"scalars": 0}, purge_orphaned_data=False)
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            if not (tag.startswith(("val/", "cost/")) or tag in _PER_ITERATION):
+            if not (tag.startswith(("val/", COST)) or tag in _PER_ITERATION):
                 continue
             by_step = series.setdefault(tag, {})
             for event in acc.Scalars(tag):
                 order += 1
                 by_step.setdefault(event.step, []).append((event.wall_time, order, float(event.value)))
-    needed = ["val/acc", *(f"cost/{unit}" for unit in COST_UNITS)]
+    needed = [VAL_ACC, *(f"{COST}{unit}" for unit in COST_UNITS)]
     missing = [tag for tag in needed if tag not in series]
     if missing:
         raise ReportError(
             f"run {run_dir}: its event files ({', '.join(str(f.relative_to(run_dir)) for f in files)}) lack the "
-            f"scalar(s) {', '.join(missing)}; the report needs val/acc and cost/{{{','.join(COST_UNITS)}}}"
+            f"scalar(s) {', '.join(missing)}; the report needs {VAL_ACC} and {COST}{{{','.join(COST_UNITS)}}}"
         )
     for by_step in series.values():
         for entries in by_step.values():
             entries.sort()
     points: list[tuple[int, int]] = []  # (step, index of the evaluation within the step)
-    for step in sorted(series["val/acc"]):
-        for index in range(len(series["val/acc"][step])):
+    for step in sorted(series[VAL_ACC]):
+        for index in range(len(series[VAL_ACC][step])):
             for tag in needed[1:]:
                 if len(series[tag].get(step, [])) <= index:
                     raise ReportError(f"run {run_dir}: scalar {tag} is missing at evaluation step {step}")
             same = points and points[-1][0] == step
-            if same and series["cost/samples"][step][index][2] == series["cost/samples"][step][points[-1][1]][2]:
+            if same and series[f"{COST}samples"][step][index][2] == series[f"{COST}samples"][step][points[-1][1]][2]:
                 points[-1] = (step, index)  # a resumed run's repeat of the same evaluation: the latest wins
             else:
                 points.append((step, index))
@@ -129,7 +120,7 @@ def read_curve(run_dir: Path) -> Curve:
         )
 
     levels = {m.group(1): column(tag) for tag in series if (m := _LEVEL.match(tag))}
-    first = {unit: column(f"cost/{unit}")[0] for unit in ("samples", "updates")}
+    first = {unit: column(f"{COST}{unit}")[0] for unit in ("samples", "updates")}
     if any(v != 0 for v in first.values()):
         raise ReportError(
             f"run {run_dir}: its first evaluation is at {first['samples']:.0f} samples and {first['updates']:.0f} "
@@ -138,9 +129,9 @@ def read_curve(run_dir: Path) -> Curve:
         )
     return Curve(
         steps=np.array([s for s, _ in points], dtype=np.int64),
-        acc=column("val/acc"),
+        acc=column(VAL_ACC),
         levels=dict(sorted(levels.items(), key=lambda kv: natural_key(kv[0]))),
-        cost={unit: column(f"cost/{unit}") for unit in COST_UNITS},
+        cost={unit: column(f"{COST}{unit}") for unit in COST_UNITS},
         iterations=_per_iteration(series),
     )
 
@@ -153,7 +144,7 @@ def _per_iteration(series: dict[str, dict[int, list[tuple[float, int, float]]]])
     A run resumed from a checkpoint logs the re-run iteration again at the same step with the same number: that
     repeat keeps the latest values. A run without the ``iteration`` scalar counts every value as its own iteration.
     """
-    numbers = series.get(_ITERATION, {})
+    numbers = series.get(ITERATION, {})
     rows: dict[tuple[int, int, float], dict[str, float]] = {}
     for tag in (*ITERATION_TAGS, *ALLOC_TAGS):
         for step, entries in series.get(tag, {}).items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dibs.core.tags import ALLOC_TAGS
 from dibs.report.events import level_names
 from dibs.report.grid import COST_UNITS, Grid, format_value
 from dibs.report.plots import BAND, UNIT_NAMES
@@ -45,42 +46,15 @@ SETTINGS = (
     "warmstart.steps",
 )
 UNIT_TITLES = {"samples": "Samples", "tokens": "Tokens", "updates": "Updates", "wall_s": "Wall (s)"}
-# The alloc/* columns of the E-step table: title, cell format (a percentage, or a ratio with 3 decimals) and the
-# sentence under the table that says what the column is.
+# The alloc/* columns of the E-step table: title and cell format (a percentage, or a ratio with 3 decimals); the
+# sentence under the table that says what a column is comes from dibs.core.tags.
 ALLOC_COLUMNS = {
-    "alloc/zero_frac": (
-        "Zero-sample prompts (%)",
-        "pct",
-        "the fraction of an iteration's prompts that the allocation gives no sample (`alloc/zero_frac`)",
-    ),
-    "alloc/gini": (
-        "Gini",
-        ".3f",
-        "the Gini coefficient of the per-prompt sample counts (`alloc/gini`; 0 = uniform, towards 1 = concentrated "
-        "on few prompts)",
-    ),
-    "alloc/variance_vs_uniform": (
-        "Variance vs uniform",
-        ".3f",
-        "the variance-bound objective of the chosen allocation divided by that of the uniform allocation at the same "
-        "budget (`alloc/variance_vs_uniform`; < 1: the allocation expects a less noisy gradient than uniform)",
-    ),
-    "alloc/pilot_unsolved_frac": (
-        "Pilot-unsolved (%)",
-        "pct",
-        "the fraction of an iteration's prompts whose pilot acceptance rate is 0 (`alloc/pilot_unsolved_frac`)",
-    ),
-    "alloc/predicted_accept": (
-        "Predicted accept (%)",
-        "pct",
-        "the acceptance rate of stage 2's fresh samples that the pilot's per-prompt rates predict "
-        "(`alloc/predicted_accept`)",
-    ),
-    "alloc/realised_accept": (
-        "Realised accept (%)",
-        "pct",
-        "the acceptance rate those stage-2 samples actually had (`alloc/realised_accept`)",
-    ),
+    "alloc/zero_frac": ("Zero-sample prompts (%)", "pct"),
+    "alloc/gini": ("Gini", ".3f"),
+    "alloc/variance_vs_uniform": ("Variance vs uniform", ".3f"),
+    "alloc/pilot_unsolved_frac": ("Pilot-unsolved (%)", "pct"),
+    "alloc/predicted_accept": ("Predicted accept (%)", "pct"),
+    "alloc/realised_accept": ("Realised accept (%)", "pct"),
 }
 
 
@@ -317,7 +291,7 @@ def _estep(grid: Grid, data: dict[str, Any]) -> list[str]:
     """Per configuration: generated samples, the pilot's share, accepted samples per iteration and the means of the
     alloc/* scalars (columns left out when no run logs them; "–" for a configuration that does not)."""
     estep = data["estep"]
-    tags = estep["alloc_tags"]
+    tags = [tag for tag in estep["alloc_tags"] if tag in ALLOC_COLUMNS]
     header = ["Configuration", "Generated samples", "Pilot share (%)", "Accepted / iteration"]
     header += [ALLOC_COLUMNS[tag][0] for tag in tags]
     rows = []
@@ -345,7 +319,7 @@ def _estep(grid: Grid, data: dict[str, Any]) -> list[str]:
         "- *Accepted / iteration*: the mean over iterations of `rollout/accept_rate` × `rollout/samples`, the number "
         "of an iteration's training samples that the verifier accepted.",
     ]
-    lines += [f"- *{ALLOC_COLUMNS[tag][0]}*: the mean over iterations of {ALLOC_COLUMNS[tag][2]}." for tag in tags]
+    lines += [f"- *{ALLOC_COLUMNS[tag][0]}*: the mean over iterations of {ALLOC_TAGS[tag]} (`{tag}`)." for tag in tags]
     if tags:
         lines.append("")
         lines.append(
