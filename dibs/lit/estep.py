@@ -34,7 +34,7 @@ from dibs.lit.estimates import GradNormMeter
 from dibs.lit.scoring import build_trajectories, select_training
 from dibs.rollout.base import Completion, SamplingParams, check_logprob_gap
 
-__all__ = ["EStep", "EStepResult", "IterationPrompts", "Round"]
+__all__ = ["EStep", "EStepResult", "Round", "check_keep_rejected"]
 
 Scorer = Callable[[list[Trajectory]], tuple[list[Trajectory], dict[str, float]]]
 
@@ -64,6 +64,14 @@ class EStepResult:
     estimates: PromptStats | None = None
 
 
+def check_keep_rejected(algorithm: Algorithm, keep_rejected: bool) -> None:
+    if algorithm.needs_rejected and not keep_rejected:
+        raise ValueError(
+            f"algo.keep_rejected=false with algo.loss={algorithm.name}: its negative advantages live on the "
+            "rejected samples, so they are always kept; set algo.keep_rejected=true"
+        )
+
+
 class EStep:
     def __init__(
         self,
@@ -80,11 +88,7 @@ class EStep:
         grad_norms: GradNormMeter | None = None,
         scorer: Scorer | None = None,
     ) -> None:
-        if algorithm.needs_rejected and not keep_rejected:
-            raise ValueError(
-                f"algo.keep_rejected=false with algo.loss={algorithm.name}: its negative advantages live on the "
-                "rejected samples, so they are always kept; set algo.keep_rejected=true"
-            )
+        check_keep_rejected(algorithm, keep_rejected)
         self.generator, self.verifier, self.strategy = generator, verifier, strategy
         self.algorithm, self.sampling, self.seed, self.dist = algorithm, sampling, seed, dist
         self.keep_rejected, self.filter_equal_groups = keep_rejected, filter_equal_groups

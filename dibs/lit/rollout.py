@@ -30,7 +30,7 @@ from dibs.core.sampling import Strategy
 from dibs.core.tags import COST
 from dibs.lit.diagnostics import log_allocation_images
 from dibs.lit.dist import Dist
-from dibs.lit.estep import EStep, EStepResult
+from dibs.lit.estep import EStep, EStepResult, check_keep_rejected
 from dibs.lit.estimates import GradNormMeter
 from dibs.lit.evaluation import EvalPlan, EvalResult, eval_seed, evaluate, format_summary, val_metrics
 from dibs.lit.logs import info, log_step, peak_memory, warn
@@ -66,6 +66,7 @@ class RolloutCallback(L.Callback):
                 "the generator's log-prob self-check compares its log-probs with the trainer's, which only "
                 "algo.recompute_old_logprobs=true computes: set it (the default of every algo)"
             )
+        check_keep_rejected(algorithm, keep_rejected)  # before any work, not when the fit starts
         self.generator, self.verifier, self.strategy, self.tokenizer = generator, verifier, strategy, tokenizer
         self.algorithm, self.sampling, self.seed = algorithm, sampling, seed
         self.e_step_options = dict(keep_rejected=keep_rejected, filter_equal_groups=filter_equal_groups)

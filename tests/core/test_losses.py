@@ -1,3 +1,4 @@
+import inspect
 import math
 from functools import partial
 
@@ -6,12 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dibs.core.allocation import UniformAllocator
 from dibs.core.batching import chunk_by_tokens, pad_left, pad_right
 from dibs.core.logprobs import gather_logprobs
 from dibs.core.losses import (
     AGG_MODES,
-    LOSSES,
+    ALGORITHMS,
     aggregate,
     drgrpo_advantages,
     equal_reward_groups,
@@ -25,6 +25,16 @@ from dibs.core.losses import (
     raftpp_loss,
 )
 
+# The hand cases' settings (the losses take no defaults: conf/algo holds them): ε = 0.2 both sides, c = 3.
+HAND = dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, agg="token-mean", kl_coef=0.0)
+
+
+def loss(fn, *args, **options):
+    """``fn`` (a loss, or an algo.loss name) with the hand settings it takes, ``options`` overriding them."""
+    fn = ALGORITHMS[fn].loss if isinstance(fn, str) else fn
+    accepted = inspect.signature(fn).parameters
+    return fn(*args, **{**{k: v for k, v in HAND.items() if k in accepted}, **options})
+
 
 def test_raft_advantages_clip_negative_rewards_to_zero():
     assert raft_advantages(torch.tensor([1.0, 0.0, -1.0])).tolist() == [1.0, 0.0, 0.0]
@@ -35,7 +45,7 @@ def test_raft_loss_is_token_mean_of_accepted_nll_over_all_tokens():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     adv = torch.tensor([1.0, 0.0])
     # accepted row contributes 1 + 2 = 3; denominator counts all 5 response tokens → 0.6
-    out = raft_loss(logp, torch.zeros_like(logp), mask, adv)
+    out = loss(raft_loss, logp, torch.zeros_like(logp), mask, adv)
     assert out.loss.item() == pytest.approx(0.6)
     assert out.metrics["nll_accepted"].item() == pytest.approx(1.5)  # (1 + 2) / 2
 
@@ -44,7 +54,7 @@ def test_raftpp_clips_ratio_above_one_plus_eps_for_positive_advantage():
     # ratios e^{0.5}=1.6487 (clipped to 1.2 → loss −1.2) and e^{−0.1}=0.9048 (inside → −0.9048)
     logp = torch.tensor([[0.5, -0.1]])
     old = torch.zeros_like(logp)
-    out = raftpp_loss(logp, old, torch.ones_like(logp), torch.tensor([1.0]), clip_low=0.2, clip_high=0.2)
+    out = loss(raftpp_loss, logp, old, torch.ones_like(logp), torch.tensor([1.0]), clip_low=0.2, clip_high=0.2)
     assert out.loss.item() == pytest.approx((-1.2 - math.exp(-0.1)) / 2, rel=1e-6)
     assert out.metrics["clipfrac"].item() == pytest.approx(0.5)
 
@@ -52,13 +62,15 @@ def test_raftpp_clips_ratio_above_one_plus_eps_for_positive_advantage():
 def test_raftpp_clip_higher_raises_the_upper_bound_only():
     # ratio e^{0.3}=1.3499: clipped to 1.28 with eps_high=0.28; ratio e^{-0.5}=0.6065 stays (A>0: max picks −0.6065)
     logp = torch.tensor([[0.3, -0.5]])
-    out = raftpp_loss(logp, torch.zeros_like(logp), torch.ones(1, 2), torch.tensor([1.0]), clip_low=0.2, clip_high=0.28)
+    out = loss(
+        raftpp_loss, logp, torch.zeros_like(logp), torch.ones(1, 2), torch.tensor([1.0]), clip_low=0.2, clip_high=0.28
+    )
     assert out.loss.item() == pytest.approx((-1.28 - math.exp(-0.5)) / 2, rel=1e-6)
 
 
 def test_raftpp_gradient_vanishes_where_clipped_and_equals_raft_at_ratio_one():
     logp = torch.tensor([[0.5, 0.0]], requires_grad=True)
-    raftpp_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([1.0])).loss.backward()
+    loss(raftpp_loss, logp, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([1.0])).loss.backward()
     # d/dlogp of −ratio/2 at ratio 1 is −1/2; the clipped token has no gradient
     assert logp.grad[0].tolist() == pytest.approx([0.0, -0.5])
 
@@ -153,7 +165,7 @@ def test_ratio_exactly_at_the_clip_bound_keeps_its_gradient_and_just_outside_los
     ratios = torch.tensor([[1.2, 1.2 + 1e-6], [0.8, 0.8 - 1e-6]], dtype=torch.float64)
     logp = ratios.log().requires_grad_()
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    out = loss_fn(logp, torch.zeros_like(ratios), torch.ones_like(ratios), adv)
+    out = loss(loss_fn, logp, torch.zeros_like(ratios), torch.ones_like(ratios), adv)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(-0.2, abs=1e-12)
     assert logp.grad.flatten().tolist() == pytest.approx([-0.3, 0.0, 0.2, 0.0], abs=1e-12)
@@ -167,9 +179,9 @@ def test_clip_higher_moves_only_the_upper_bound():
     # (0.28, 0.2):                   [−1.2, max(0.7, 0.72)]            = [−1.2, 0.72] → −0.24
     logp = torch.tensor([[1.3], [0.7]], dtype=torch.float64).log()
     args = (logp, torch.zeros_like(logp), torch.ones_like(logp), torch.tensor([1.0, -1.0], dtype=torch.float64))
-    assert raftpp_loss(*args, clip_low=0.2, clip_high=0.2).loss.item() == pytest.approx(-0.2)
-    assert raftpp_loss(*args, clip_low=0.2, clip_high=0.28).loss.item() == pytest.approx(-0.24)
-    assert raftpp_loss(*args, clip_low=0.28, clip_high=0.2).loss.item() == pytest.approx(-0.24)
+    assert loss(raftpp_loss, *args, clip_low=0.2, clip_high=0.2).loss.item() == pytest.approx(-0.2)
+    assert loss(raftpp_loss, *args, clip_low=0.2, clip_high=0.28).loss.item() == pytest.approx(-0.24)
+    assert loss(raftpp_loss, *args, clip_low=0.28, clip_high=0.2).loss.item() == pytest.approx(-0.24)
 
 
 def test_grpo_dual_clip_caps_negative_advantage_tokens_at_c():
@@ -181,22 +193,22 @@ def test_grpo_dual_clip_caps_negative_advantage_tokens_at_c():
     logp = torch.tensor([[1.5], [0.5], [1.5]], dtype=torch.float64, requires_grad=True)
     adv = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64)
     args = (torch.zeros(3, 1, dtype=torch.float64), torch.ones(3, 1), adv)
-    out = grpo_loss(logp, *args)
+    out = loss(grpo_loss, logp, *args)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(1.149574, rel=1e-6)
     assert logp.grad.flatten().tolist() == pytest.approx([0.0, 0.549574, 0.0], abs=1e-6)
     assert out.metrics["clipfrac_dual"].item() == pytest.approx(1 / 3)
     assert out.metrics["clipfrac"].item() == pytest.approx(1 / 3)  # row 2 only
-    assert raftpp_loss(logp, *args).loss.item() == pytest.approx(1.643470, rel=1e-6)
+    assert loss(raftpp_loss, logp, *args).loss.item() == pytest.approx(1.643470, rel=1e-6)
     # c = 5 > 4.4817: inactive everywhere → the RAFT++ value
-    assert grpo_loss(logp, *args, clip_ratio_c=5.0).loss.item() == pytest.approx(1.643470, rel=1e-6)
+    assert loss(grpo_loss, logp, *args, clip_ratio_c=5.0).loss.item() == pytest.approx(1.643470, rel=1e-6)
 
 
 def test_surrogate_metrics_ratio_and_approx_kl():
     # log ratios [0.5, −0.1, (masked) 3]: ratio mean (1.648721 + 0.904837) / 2 = 1.276779
     # approx_kl = mean(−log ratio) = −(0.5 − 0.1) / 2 = −0.2
     logp = torch.tensor([[0.5, -0.1, 3.0]])
-    out = grpo_loss(logp, torch.zeros_like(logp), torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1.0]))
+    out = loss(grpo_loss, logp, torch.zeros_like(logp), torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1.0]))
     assert out.metrics["ratio"].item() == pytest.approx(1.276779, rel=1e-6)
     assert out.metrics["approx_kl"].item() == pytest.approx(-0.2, rel=1e-6)
 
@@ -216,7 +228,7 @@ def test_kl_penalty_is_added_with_its_coefficient_and_clamped_tokens_get_no_grad
     # the last token has k = 100: e^100 overflows float32, yet its gradient must be 0, not NaN
     ref = torch.tensor([[0.5, -0.5, 3.0, 100.0]])
     logp = torch.zeros(1, 4, requires_grad=True)
-    out = raft_loss(logp, torch.zeros(1, 4), torch.ones(1, 4), torch.tensor([0.0]), ref_logp=ref, kl_coef=0.1)
+    out = loss(raft_loss, logp, torch.zeros(1, 4), torch.ones(1, 4), torch.tensor([0.0]), ref_logp=ref, kl_coef=0.1)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(0.506381, rel=1e-5)
     assert logp.grad.flatten().tolist() == pytest.approx([-0.016218, 0.0098367, 0.0, 0.0], abs=1e-6)
@@ -227,12 +239,12 @@ def test_kl_penalty_is_added_with_its_coefficient_and_clamped_tokens_get_no_grad
 def test_kl_is_only_logged_at_zero_coefficient_and_absent_without_reference(name):
     logp = torch.tensor([[-1.0, -0.5]])
     args = (logp, logp - 0.1, torch.ones(1, 2), torch.tensor([1.0]))
-    plain = LOSSES[name](*args)
-    logged = LOSSES[name](*args, ref_logp=logp + 1.0, kl_coef=0.0)
+    plain = loss(name, *args)
+    logged = loss(name, *args, ref_logp=logp + 1.0, kl_coef=0.0)
     # k = 1: e − 2 = 0.718282 per token
     assert "kl" not in plain.metrics and logged.metrics["kl"].item() == pytest.approx(math.e - 2, rel=1e-6)
     assert logged.loss.item() == plain.loss.item()
-    penalised = LOSSES[name](*args, ref_logp=logp + 1.0, kl_coef=0.001)
+    penalised = loss(name, *args, ref_logp=logp + 1.0, kl_coef=0.001)
     assert penalised.loss.item() == pytest.approx(plain.loss.item() + 0.001 * (math.e - 2), rel=1e-6)
 
 
@@ -262,7 +274,7 @@ def test_losses_pass_their_aggregation_mode_through(name):
     # token-mean −4/4 = −1; seq-mean-token-sum (−3 − 1)/2 = −2; seq-mean-token-mean (−1 − 1)/2 = −1
     logp = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    values = [LOSSES[name](logp, logp, mask, torch.ones(2), agg=a).loss.item() for a in AGG_MODES]
+    values = [loss(name, logp, logp, mask, torch.ones(2), agg=a).loss.item() for a in AGG_MODES]
     assert values == pytest.approx([-1.0, -2.0, -1.0])
 
 
@@ -277,7 +289,7 @@ def test_micro_batches_with_the_global_denominator_sum_to_the_whole_batch(name, 
     logp0 = old + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)  # ratios on both sides of the clips
     ref = old + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, generator=g, dtype=torch.float64) * 2
-    fn = partial(LOSSES[name], agg=agg, ref_logp=None, kl_coef=0.1)
+    fn = partial(loss, name, agg=agg, ref_logp=None, kl_coef=0.1)
     denom = loss_denominator(mask, agg)
 
     whole_logp = logp0.clone().requires_grad_()
@@ -302,8 +314,12 @@ def test_micro_batches_with_the_global_denominator_sum_to_the_whole_batch(name, 
 
 
 def test_registry_names():
-    assert sorted(LOSSES) == ["drgrpo", "grpo", "raft", "raftpp"]
-    assert LOSSES["drgrpo"] is grpo_loss  # Dr.GRPO differs only in its advantages (PAPER.md section 5)
+    assert sorted(ALGORITHMS) == ["drgrpo", "grpo", "raft", "raftpp"]
+    assert ALGORITHMS["drgrpo"].loss is grpo_loss  # Dr.GRPO differs only in its advantages
+    assert [a.needs_rejected for a in ALGORITHMS.values()] == [False, False, True, True]
+    rewards, group = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1])
+    assert ALGORITHMS["grpo"].advantages(rewards, group).tolist() == grpo_advantages(rewards, group).tolist()
+    assert ALGORITHMS["raft"].advantages(rewards, group).tolist() == [1.0, 0.0, 1.0]
 
 
 def test_gather_logprobs_matches_log_softmax_with_temperature():
@@ -311,14 +327,6 @@ def test_gather_logprobs_matches_log_softmax_with_temperature():
     # T=2: logits/2 = [1, 0, 0.5]; log p(token 2) = 0.5 − log(e + 1 + e^0.5)
     expected = 0.5 - math.log(math.e + 1 + math.exp(0.5))
     assert gather_logprobs(logits, torch.tensor([[2]]), temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_uniform_allocator_spends_exactly_n_per_prompt():
-    alloc = UniformAllocator(n_per_prompt=3)
-    n = alloc.allocate(5)
-    assert n.tolist() == [3] * 5 and n.sum() == alloc.budget(5) == 15
-    with pytest.raises(ValueError, match="n_per_prompt"):
-        UniformAllocator(n_per_prompt=0)
 
 
 def test_padding_helpers_place_tokens_and_masks():

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dibs.core.allocation import UniformAllocator
-from dibs.lit.rollout import RolloutCallback
+from dibs.core.losses import ALGORITHMS
+from dibs.core.sampling import Uniform
+from dibs.lit.dist import Dist
+from dibs.lit.estep import EStep
 from dibs.lit.scoring import build_trajectories, select_training
 from dibs.rollout.base import Completion, SamplingParams
 
@@ -15,12 +17,16 @@ PROMPTS = {7: torch.tensor([1, 2]), 3: torch.tensor([3]), 11: torch.tensor([4, 5
 
 
 def samples(groups):
-    """(train-pool index, completion) pairs; completion k has k + 1 tokens and log-probs −(k + 1)."""
+    """(train-pool index, prompt ids, completion); completion k has k + 1 tokens and log-probs −(k + 1)."""
     out = []
     for k, i in enumerate(groups):
         ids = torch.arange(10, 11 + k)
-        out.append((i, Completion(ids, torch.full((k + 1,), -(k + 1.0)), f"s{k}", "stop")))
+        out.append((i, PROMPTS[i], Completion(ids, torch.full((k + 1,), -(k + 1.0)), f"s{k}", "stop")))
     return out
+
+
+def build(groups, rewards, loss):
+    return build_trajectories(samples(groups), rewards, ALGORITHMS[loss].advantages)
 
 
 # A GVM allocation gave the prompts 3, 2, 1 and 4 samples, interleaved as the E-step may hold them:
@@ -42,7 +48,7 @@ S = math.sqrt(1 / 3) + 1e-6
     ],
 )
 def test_advantages_of_variable_size_groups_reach_the_trajectories(loss, expected):
-    trajectories, equal = build_trajectories(PROMPTS, samples(GROUPS), REWARDS, loss)
+    trajectories, equal = build(GROUPS, REWARDS, loss)
     assert [t.advantage for t in trajectories] == pytest.approx(expected, abs=1e-6)
     assert [t.group for t in trajectories] == GROUPS and [t.reward for t in trajectories] == REWARDS.tolist()
     assert equal == [False, True, False, True, True, False, True, False, True, True]  # prompts 3 and 2
@@ -52,7 +58,7 @@ def test_advantages_of_variable_size_groups_reach_the_trajectories(loss, expecte
 
 
 def test_grpo_keeps_every_sample_and_counts_the_equal_reward_groups():
-    trajectories, equal = build_trajectories(PROMPTS, samples(GROUPS), REWARDS, "grpo")
+    trajectories, equal = build(GROUPS, REWARDS, "grpo")
     train, counts = select_training(trajectories, equal, keep_rejected=True, filter_equal_groups=False)
     assert len(train) == 10
     # [training samples, with A != 0 (prompt 7's three), equal-reward groups (3 and 2), samples in them]
@@ -60,23 +66,23 @@ def test_grpo_keeps_every_sample_and_counts_the_equal_reward_groups():
 
 
 def test_filtering_drops_the_equal_reward_groups_only():
-    trajectories, equal = build_trajectories(PROMPTS, samples(GROUPS), REWARDS, "grpo")
+    trajectories, equal = build(GROUPS, REWARDS, "grpo")
     train, counts = select_training(trajectories, equal, keep_rejected=True, filter_equal_groups=True)
     assert [t.group for t in train] == [7, 7, 7, 11]  # the singleton stays: its A = r is not forced to 0
     assert counts.tolist() == [4, 3, 2, 6]
 
 
 def test_raft_without_rejected_samples_trains_on_the_accepted_ones():
-    trajectories, equal = build_trajectories(PROMPTS, samples(GROUPS), REWARDS, "raft")
+    trajectories, equal = build(GROUPS, REWARDS, "raft")
     train, counts = select_training(trajectories, equal, keep_rejected=False, filter_equal_groups=False)
     assert [t.group for t in train] == [7, 3, 3] and counts.tolist() == [3, 3, 2, 6]
 
 
 def test_all_equal_groups_leave_no_signal_and_a_rank_without_samples_counts_zero():
-    trajectories, equal = build_trajectories(PROMPTS, samples([2, 2, 3, 3]), np.zeros(4, np.float32), "grpo")
+    trajectories, equal = build([2, 2, 3, 3], np.zeros(4, np.float32), "grpo")
     _, counts = select_training(trajectories, equal, keep_rejected=True, filter_equal_groups=False)
     assert counts.tolist() == [4, 0, 2, 4]  # no non-zero advantage: the M-step is skipped
-    nothing, none_equal = build_trajectories(PROMPTS, [], np.zeros(0, np.float32), "grpo")
+    nothing, none_equal = build([], np.zeros(0, np.float32), "grpo")
     assert nothing == [] and none_equal == []
     assert select_training([], [], keep_rejected=True, filter_equal_groups=True)[1].tolist() == [0, 0, 0, 0]
 
@@ -84,12 +90,14 @@ def test_all_equal_groups_leave_no_signal_and_a_rank_without_samples_counts_zero
 @pytest.mark.parametrize("loss", ["grpo", "drgrpo"])
 def test_grpo_refuses_to_drop_rejected_samples(loss):
     with pytest.raises(ValueError, match=f"algo.keep_rejected=false with algo.loss={loss}"):
-        RolloutCallback(
+        EStep(
             None,
             None,
-            UniformAllocator(),
-            None,
+            Uniform(n_per_prompt=4),
+            algorithm=ALGORITHMS[loss],
             sampling=SamplingParams(),
-            loss=loss,
             keep_rejected=False,
+            filter_equal_groups=False,
+            seed=0,
+            dist=Dist(),
         )

@@ -76,7 +76,7 @@ def config(run_dir: Path, algo: str, seed: int, **changes) -> dict:
         "updates_per_iteration": 4,
         "eval": {"samples": 2},
         "algo": {"loss": algo, "lr": 0.001 if algo == "raft" else 0.002, "betas": [0.9, 0.999]},
-        "allocation": {"_target_": "dibs.core.allocation.UniformAllocator", "n_per_prompt": 4},
+        "allocation": {"_target_": "dibs.core.sampling.Uniform", "n_per_prompt": 4},
         "budget": {"samples": 200, "tokens": None, "updates": None},
         "grid": {"name": "toy", "axes": {"algo": "raft,raftpp", "seed": "0,1"}, "baseline": "algo=raft", "target": 0.3},
         "logger": {"save_dir": str(run_dir), "name": "tb"},  # resolved from run_dir: differs per run, not an axis
@@ -425,7 +425,7 @@ def write_iterations(
 
 def make_estep_grid(root: Path) -> Path:
     write_multirun(root, ["+grid=toy"], params="{allocation: 'uniform,gvm', seed: '0,1'}")
-    targets = {"uniform": "dibs.core.allocation.UniformAllocator", "gvm": "dibs.core.gvm.GVMAllocator"}
+    targets = {"uniform": "dibs.core.sampling.Uniform", "gvm": "dibs.core.sampling.GVM"}
     for (allocation, seed), scalars in ESTEP_RUNS.items():
         run = write_run(
             root,

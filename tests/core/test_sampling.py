@@ -1,0 +1,118 @@
+"""Sampling strategies round by round (dibs.core.sampling), on hand-made tallies: what each asks for, what it
+keeps, and GVM's pilot, reuse, refresh and online estimates."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from dibs.core.sampling import GVM, RoundTally, Uniform, UntilSolved, fit_to_budget
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "allocation"
+
+
+def build(name, **overrides):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    cls = {"gvm": GVM, "uniform": Uniform, "until_solved": UntilSolved}[name]
+    return cls(**{**{k: v for k, v in cfg.items() if k != "_target_"}, **overrides})
+
+
+def tally(samples, hits, grad=None):
+    samples, hits = np.asarray(samples, float), np.asarray(hits, float)
+    return RoundTally(samples, hits, hits.copy(), None if grad is None else np.asarray(grad, float))
+
+
+def test_uniform_is_one_round_of_n_that_all_trains():
+    s = build("uniform", n_per_prompt=3)
+    first = s.begin(0, np.array([5, 9]))
+    assert first.counts.tolist() == [3, 3] and not first.pilot and not first.grad_norms
+    assert s.next(tally([3, 3], [1, 0])) is None
+    assert [m.tolist() for m in s.keep(0, [np.array([1.0, 0.0, 0.0])])] == [[True, True, True]]
+    assert s.max_samples(2) == 6 and s.rows_per_prompt == 3
+
+
+def test_until_solved_asks_again_only_for_the_unsolved_within_the_cap():
+    s = build("until_solved", per_round=2, solved_at=1, max_per_prompt=5)
+    assert s.begin(0, np.arange(3)).counts.tolist() == [2, 2, 2]
+    second = s.next(tally([2, 2, 2], [1, 0, 0]))  # prompt 0 solved
+    assert second.counts.tolist() == [0, 2, 2]
+    third = s.next(tally([0, 2, 2], [0, 1, 0]))  # prompt 1 solved; prompt 2 has 4 of 5
+    assert third.counts.tolist() == [0, 0, 1]
+    assert s.next(tally([0, 0, 1], [0, 0, 0])) is None  # the cap is reached
+    assert s.max_samples(3) == 15
+    with pytest.raises(ValueError, match="must be >= 1"):
+        build("until_solved", per_round=0)
+
+
+def test_gvm_pilot_then_one_allocated_round_with_reuse():
+    # p = [1/2, 1/4, 0], G = [1, 1, 0], N = 4 × 3 = 12, α = 1e-3, β = 2:
+    #   w = 1/√0.502 = 1.4114, 1/√0.254 = 1.9842, 0 → x = 5.01, 6.99, 0 → n = [5, 7, 0]
+    s = build("gvm", n_per_prompt=4, pilot_samples=4, reuse_pilot=True, min_per_prompt=0, prior=None)
+    pilot = s.begin(0, np.array([10, 11, 12]))
+    assert pilot.counts.tolist() == [4, 4, 4] and pilot.pilot and pilot.grad_norms
+    stage2 = s.next(tally([4, 4, 4], [2, 1, 0], grad=[1.0, 1.0, 0.0]))
+    assert stage2.allocation.n.tolist() == [5, 7, 0]
+    assert stage2.counts.tolist() == [1, 3, 0]  # min(n_i, N') pilot samples reused, the rest drawn afresh
+    assert stage2.estimates.accept_rate.tolist() == [0.5, 0.25, 0.0]
+    assert s.next(tally([1, 3, 0], [1, 1, 0])) is None
+    pilot_r, fresh_r = np.array([1.0, 0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0])
+    assert [m.tolist() for m in s.keep(1, [pilot_r, fresh_r])] == [[True] * 4, [True] * 3]
+    assert [m.tolist() for m in s.keep(0, [pilot_r, np.array([1.0])])] == [[True, True, True, True], [True]]
+    assert [m.tolist() for m in s.keep(2, [np.zeros(4), np.zeros(0)])] == [[False] * 4, []]
+
+
+def test_gvm_without_reuse_discards_the_pilot():
+    s = build("gvm", n_per_prompt=4, pilot_samples=4, reuse_pilot=False, prior=None)
+    s.begin(0, np.array([0, 1, 2]))
+    stage2 = s.next(tally([4, 4, 4], [2, 1, 0], grad=[1.0, 1.0, 0.0]))
+    assert stage2.counts.tolist() == [5, 7, 0]
+    assert [m.tolist() for m in s.keep(0, [np.ones(4), np.ones(5)])] == [[False] * 4, [True] * 5]
+
+
+def test_gvm_refresh_every_pilots_only_unseen_prompts_in_between():
+    s = build("gvm", refresh_every=2, pilot_samples=2)
+    s.begin(0, np.array([3, 4]))
+    s.next(tally([2, 2], [1, 2], grad=[2.0, 1.0]))
+    assert s.store == {3: (0.5, 2.0, 2.0), 4: (1.0, 1.0, 2.0)}
+    between = s.begin(1, np.array([4, 5]))  # prompt 4 estimated at iteration 0, prompt 5 never
+    assert between.counts.tolist() == [0, 2]
+    stage2 = s.next(tally([0, 2], [0, 1], grad=[0.0, 3.0]))
+    assert stage2.estimates.accept_rate.tolist() == [1.0, 0.5]  # prompt 4's stored estimate
+    assert stage2.estimates.grad_norm.tolist() == [1.0, 3.0]
+    assert s.begin(2, np.array([4, 5])).counts.tolist() == [2, 2]  # a refresh iteration pilots every prompt
+
+
+def test_gvm_online_takes_estimates_from_the_training_samples():
+    s = build("gvm", online=True, pilot_samples=2)
+    assert s.training_grad_norms == 2
+    s.begin(0, np.array([7, 8]))
+    s.next(tally([2, 2], [1, 0], grad=[1.5, 0.0]))
+    s.observe_training(tally([4, 3], [3, 1], grad=[2.5, 0.5]))  # p, G and m from the training samples
+    assert s.store == {7: (0.75, 2.5, 4.0), 8: (1 / 3, 0.5, 3.0)}
+    assert s.begin(1, np.array([7, 9])).counts.tolist() == [0, 2]  # online: only the unseen prompt is piloted
+    state = s.state_dict()
+    other = build("gvm", online=True, pilot_samples=2)
+    other.load_state_dict(state)
+    assert other.store == s.store
+
+
+def test_fit_to_budget_hand_cases():
+    assert fit_to_budget(np.array([4, 1, 3]), 5).tolist() == [2, 1, 2]
+    assert fit_to_budget(np.array([4, 4]), 5).tolist() == [3, 2]  # the later prompt gives first among equals
+    assert fit_to_budget(np.array([2, 2]), 10).tolist() == [2, 2]
+    assert fit_to_budget(np.array([2, 2]), 0).tolist() == [0, 0]
+
+
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=12), st.integers(0, 200))
+def test_fit_to_budget_stays_within_the_request_and_the_budget(counts, remaining):
+    counts = np.array(counts)
+    out = fit_to_budget(counts, remaining)
+    assert (out >= 0).all() and (out <= counts).all()
+    assert out.sum() == min(counts.sum(), remaining)
+    trimmed = out < counts
+    if trimmed.any():  # trimmed from the top: the trimmed prompts end level (within 1), no untrimmed one above them
+        assert out[trimmed].max() - out[trimmed].min() <= 1
+        assert (counts[~trimmed] <= out[trimmed].max()).all()
