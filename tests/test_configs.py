@@ -166,7 +166,8 @@ def test_paper_presets_hold_the_papers_hyper_parameters(preset, tmp_path):
     cfg = compose_with([f"experiment={preset}", *required("experiment", preset, tmp_path)])
     algo, sampling = cfg.algo, cfg.rollout.sampling
     assert algo.loss == ("grpo" if preset.endswith("grpo") else "raftpp")
-    # the GVM paper's settings (docs/method.md): AdamW lr 1e-6 constant, wd 0.01, clip 1.0, T = 1.0, 3072 tokens, KL 0.001, eps 0.2
+    # the GVM paper's settings (docs/method.md): AdamW lr 1e-6 constant, wd 0.01, clip 1.0, T = 1.0,
+    # 3072 tokens, KL 0.001, eps 0.2
     assert (algo.lr, algo.lr_schedule, algo.warmup_updates, algo.weight_decay) == (1e-6, "constant", 0, 0.01)
     assert (algo.grad_clip, algo.kl_coef, algo.clip_low, algo.clip_high) == (1.0, 0.001, 0.2, 0.2)
     assert (algo.loss_agg, algo.keep_rejected, algo.filter_equal_groups) == ("token-mean", True, False)

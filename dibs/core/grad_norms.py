@@ -1,4 +1,4 @@
-"""Per-sample gradient norms for GVM's G_i (PAPER.md section 3), pure torch.
+"""Per-sample gradient norms for GVM's G_i (docs/method.md), pure torch.
 
 For each accepted sample, G = ‖∂L/∂θ‖₂ with L = −Σ_t log π(y_t | x, y_<t) summed over the response tokens
 (``reduction="mean"`` divides by their number), θ one parameter tensor. The reference computes this with

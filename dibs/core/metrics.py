@@ -1,4 +1,4 @@
-r"""Evaluation metrics, pure numpy (PAPER.md section 6): Average@k, unbiased pass@k, maj@k, suite averages.
+r"""Evaluation metrics, pure numpy (docs/method.md): Average@k, unbiased pass@k, maj@k, suite averages.
 
 For one problem with n samples, rewards r_1..r_n in {0, 1}, c = sum_j r_j of them correct:
 

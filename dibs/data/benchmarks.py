@@ -1,4 +1,4 @@
-"""Evaluation sets: the five benchmarks of PAPER.md section 6 and the data source's own held-out split.
+"""Evaluation sets: the five benchmarks of docs/method.md and the data source's own held-out split.
 
 A benchmark is named in ``eval.benchmarks`` and described in ``benchmarks.sets`` (``conf/benchmarks``): a file,
 folder or hub name read by the same loader as the prompt pool (``dibs.data.records.load_problems``), with its

@@ -2,7 +2,7 @@
 
 The embedded task and real datasets go through the same path; only the system prompt, the user suffix and
 the response prefix differ. The named templates are the YAML files of ``conf/template/`` (``template=<name>``):
-``paper`` (PAPER.md section 6), ``qwen25-math-cot`` and ``qwen-boxed`` (the Qwen2.5-Math evaluation
+``paper`` (docs/method.md), ``qwen25-math-cot`` and ``qwen-boxed`` (the Qwen2.5-Math evaluation
 prompts), ``think`` (a long chain of thought opened by ``<think>``) and ``none`` (the problem alone).
 Rendering through ``apply_chat_template`` rather than a hard-coded ChatML string keeps the prompt right for
 any model family whose tokenizer carries a chat template.

@@ -1,5 +1,5 @@
 """Prompt templates (conf/template) and the evaluation sets (conf/benchmarks): the five benchmark files of
-PAPER.md section 6 load with their quirks handled, and every misconfiguration names the setting to fix."""
+docs/method.md load with their quirks handled, and every misconfiguration names the setting to fix."""
 
 from __future__ import annotations
 
