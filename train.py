@@ -202,7 +202,7 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
     the run was killed before its first checkpoint); any other value must name a checkpoint. Everything is checked
     here, before the warm start."""
     from dibs.core.budget import Budget
-    from dibs.lit.resume import (
+    from dibs.resume import (
         LAST,
         UntrustedCheckpoint,
         check_trusted,

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/checkpoint_signing.py --gb 1
 
 Writes a folder of random shards (as DCP lays them out: ``.metadata`` and ``__<rank>_0.distcp``) to a temporary
-directory, then times ``dibs.lit.resume.signature`` over it, the files read back from the page cache as they
+directory, then times ``dibs.resume.signature`` over it, the files read back from the page cache as they
 are right after a save.
 """
 
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dibs.lit.resume import signature
+from dibs.resume import signature
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The checkpoints a killed run resumes from (``dibs.lit.resume`` reads them back before the next start).
+"""The checkpoints a killed run resumes from (``dibs.resume`` reads them back before the next start).
 
 **When.** ``IterationCheckpoint`` saves (i) once the first E-step of a run has filled the DataModule (before its
 first update), (ii) at the end of every iteration, after its evaluation, its export and the NEXT iteration's
@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from dibs.lit.dist import gather_per_rank, pick_own
 from dibs.lit.logs import info
-from dibs.lit.resume import EVENT_PREFIX, LAST, signature, signing_key
+from dibs.resume import EVENT_PREFIX, LAST, signature, signing_key
 
 __all__ = ["IterationCheckpoint"]
 

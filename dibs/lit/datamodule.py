@@ -23,7 +23,6 @@ the other ranks' collectives wait for and adds nothing to the loss or its normal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, Sequence
 
@@ -37,40 +36,13 @@ from dibs.core.batching import pad_right
 from dibs.data.pools import POOL_MODES, iteration_indices
 from dibs.data.prompts import PromptTemplate, encode_prompts
 from dibs.data.records import Problem
+from dibs.estep.samples import IterationPrompts, Trajectory
 from dibs.lit.dist import gather_per_rank, pick_own
 
-__all__ = [
-    "UPDATE_ACCOUNTING",
-    "EMDataModule",
-    "IterationPrompts",
-    "RolloutSource",
-    "Trajectory",
-    "collate_trajectories",
-]
+__all__ = ["UPDATE_ACCOUNTING", "EMDataModule", "RolloutSource", "collate_trajectories"]
 
 
 UPDATE_ACCOUNTING = ("fixed", "reference")
-
-
-@dataclass(frozen=True)
-class Trajectory:
-    prompt_ids: torch.Tensor  # [Lp] int64
-    response_ids: torch.Tensor  # [T] int64
-    old_logprobs: torch.Tensor  # [T] float32, log π_old of each response token (trainer's or sampler's)
-    advantage: float
-    reward: float
-    group: int  # the prompt's index in the train pool: GRPO's group
-    sampler_logprobs: torch.Tensor | None = None  # [T] float32, the generator's log-probs
-    ref_logprobs: torch.Tensor | None = None  # [T] float32, the frozen reference's (KL), when kept
-
-
-@dataclass(frozen=True)
-class IterationPrompts:
-    """An iteration's prompts as an E-step sees them."""
-
-    pool: np.ndarray  # [P] train-pool index of every prompt of the iteration (global, the same on all ranks)
-    token_ids: Sequence[Sequence[int]]  # this rank's prompts (positions rank::world)
-    answers: Sequence[str]  # their gold answers
 
 
 class RolloutSource(Protocol):

@@ -1,5 +1,5 @@
 """The allocation's pictures for TensorBoard: histograms of n_i, p_i and G_i, and n_i against p_i coloured by G_i
-(the scalars, ``alloc/*``, come with the E-step's result, ``dibs.lit.estep``)."""
+(the scalars, ``alloc/*``, come with the E-step's result, ``dibs.estep.step``)."""
 
 from __future__ import annotations
 

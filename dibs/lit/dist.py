@@ -1,41 +1,21 @@
-"""The E-step's distributed handle (``Dist``: rank, world, sums over ranks for its numpy bookkeeping), and the
-per-rank parts of a checkpoint (each rank's rollouts and RNG streams) gathered for the one file rank 0 writes."""
+"""The E-step's distributed handle for a trainer (``dist_of``: rank, world, sums over ranks), and the per-rank
+parts of a checkpoint (each rank's rollouts and RNG streams) gathered for the one file rank 0 writes."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable
 
 import lightning as L
 import numpy as np
 import torch
 
-__all__ = ["Dist", "gather_per_rank", "pick_own", "reduce_sum"]
+from dibs.estep.dist import Dist
+
+__all__ = ["dist_of", "gather_per_rank", "pick_own", "reduce_sum"]
 
 
-@dataclass(frozen=True)
-class Dist:
-    """Where this process stands among the ranks, and an element-wise sum over them (a collective: every rank
-    calls it as often). ``Dist()``: one process."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    reduce: Callable[[np.ndarray], np.ndarray] | None = None
-
-    @classmethod
-    def of(cls, trainer: L.Trainer) -> Dist:
-        device = trainer.strategy.root_device
-        return cls(trainer.global_rank, trainer.world_size, device, lambda values: reduce_sum(trainer, values))
-
-    def sum(self, values: np.ndarray) -> np.ndarray:
-        return values if self.world == 1 or self.reduce is None else self.reduce(values)
-
-    def to_global(self, local: np.ndarray, num_prompts: int) -> np.ndarray:
-        """This rank's per-prompt values (its prompts sit at positions rank::world) → the global array."""
-        out = np.zeros(num_prompts, dtype=np.float64)
-        out[self.rank :: self.world] = local
-        return self.sum(out)
+def dist_of(trainer: L.Trainer) -> Dist:
+    """The E-step's handle on this trainer's processes."""
+    device = trainer.strategy.root_device
+    return Dist(trainer.global_rank, trainer.world_size, device, lambda values: reduce_sum(trainer, values))
 
 
 def reduce_sum(trainer: L.Trainer, values: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ Hook order: Lightning reloads the train dataloader BEFORE ``on_train_epoch_start
 k runs in ``on_train_epoch_end`` of epoch k − 1, where the epoch-end checkpoint (``dibs.lit.checkpoints``) then
 holds its rollouts; the DataModule asks for the first one (or for one a resumed run lacks) when it builds a
 dataloader. Both go through ``rollouts``, the one place an E-step starts: it checks the budget, pushes the
-policy's weights into the generator, runs ``dibs.lit.estep.EStep`` on the iteration's prompts, hands the
+policy's weights into the generator, runs ``dibs.estep.step.EStep`` on the iteration's prompts, hands the
 training samples to the DataModule and logs the result. ``on_fit_start`` comes before the loop state is restored
 (under FSDP strategies before the weights too), so ``train.py`` tells the callback when it resumes.
 
@@ -28,10 +28,10 @@ from dibs.core.budget import Budget
 from dibs.core.losses import Algorithm
 from dibs.core.sampling import Strategy
 from dibs.core.tags import COST
+from dibs.estep.gradnorms import GradNormMeter
+from dibs.estep.step import EStep, EStepResult, check_keep_rejected
 from dibs.lit.diagnostics import log_allocation_images
-from dibs.lit.dist import Dist
-from dibs.lit.estep import EStep, EStepResult, check_keep_rejected
-from dibs.lit.estimates import GradNormMeter
+from dibs.lit.dist import dist_of
 from dibs.lit.evaluation import EvalPlan, EvalResult, eval_seed, evaluate, format_summary, val_metrics
 from dibs.lit.logs import info, log_step, peak_memory, warn
 from dibs.lit.scoring import score_trajectories
@@ -168,7 +168,7 @@ class RolloutCallback(L.Callback):
 
     # ---- E-step ------------------------------------------------------------------------------
     def _build_e_step(self, trainer: L.Trainer, module: L.LightningModule) -> EStep:
-        dm, dist = trainer.datamodule, Dist.of(trainer)
+        dm, dist = trainer.datamodule, dist_of(trainer)
         grad = self.strategy.grad
         meter = None
         if grad is not None:

@@ -1,69 +1,27 @@
-"""The E-step's training side (step 4 of ``dibs.lit.estep``): each sample's advantage within its prompt's
-group, the samples the M-step trains on, and their old and reference log-probs computed by the training module.
-
-Groups: a prompt's group is all of its kept samples in the iteration (every round's samples the strategy keeps,
-e.g. GVM's reused pilot samples within n_i plus stage 2's), of whatever size the strategy gave it. Prompts are
-sharded by rank, so a group never spans ranks and the advantages need no communication.
+"""The E-step's scorer: the training samples' old and reference log-probs computed by the training module.
 
 Old log-probs: the importance ratio π_θ / π_old of RAFT++ and GRPO needs the log-probs of the policy that drew
 the samples. The generator's own (``Completion.logprobs``) come from another copy of the weights, another
 batch layout and, with other backends, other kernels; recomputing them with the training policy's forward
 makes the first update's ratio 1, and the gap between the two is logged (``rollout/logprob_gap_*``): stale
 weights in a generator show up there first. Under FSDP2 every forward is a collective, so every rank runs
-as many forward calls (a rank with fewer chunks runs dummy ones), as ``dibs.lit.estimates`` does.
+as many forward calls (a rank with fewer chunks runs dummy ones), as ``dibs.estep.gradnorms`` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 
 from dibs.core.batching import pad_right
-from dibs.core.losses import equal_reward_groups
-from dibs.lit.datamodule import Trajectory
+from dibs.estep.samples import Trajectory
 from dibs.lit.dist import reduce_sum
-from dibs.rollout.base import Completion
 
-__all__ = ["build_trajectories", "select_training", "score_trajectories"]
-
-
-def build_trajectories(
-    samples: Sequence[tuple[int, Sequence[int], Completion]],
-    rewards: np.ndarray,
-    advantages: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> tuple[list[Trajectory], list[bool]]:
-    """One trajectory per (train-pool index, prompt ids, completion), with its group's advantage (the algorithm's
-    rule, ``dibs.core.losses.ALGORITHMS``) and the sampler's log-probs as old ones; and, per sample, whether its
-    group (≥ 2 samples) has all-equal rewards (A = 0 for GRPO and Dr.GRPO)."""
-    reward = torch.as_tensor(rewards, dtype=torch.float32)  # [S]
-    group = torch.tensor([i for i, _, _ in samples], dtype=torch.long)  # [S]
-    advantage = advantages(reward, group).tolist()
-    equal = equal_reward_groups(reward, group).tolist()
-    trajectories = [
-        Trajectory(torch.as_tensor(ids), c.token_ids, c.logprobs, a, float(r), i, c.logprobs)
-        for (i, ids, c), a, r in zip(samples, advantage, reward.tolist())
-    ]
-    return trajectories, equal
-
-
-def select_training(
-    trajectories: Sequence[Trajectory], equal: Sequence[bool], *, keep_rejected: bool, filter_equal_groups: bool
-) -> tuple[list[Trajectory], np.ndarray]:
-    """The samples the M-step trains on, and this rank's counts [training samples, training samples with a
-    non-zero advantage, equal-reward groups, samples in them]. ``keep_rejected=False`` keeps A != 0 only
-    (RAFT: the accepted samples); ``filter_equal_groups`` drops the groups whose rewards are all equal."""
-    train = [
-        t
-        for t, e in zip(trajectories, equal)
-        if (keep_rejected or t.advantage != 0) and not (filter_equal_groups and e)
-    ]
-    equal_groups = {t.group for t, e in zip(trajectories, equal) if e}
-    counts = [len(train), sum(t.advantage != 0 for t in train), len(equal_groups), sum(equal)]
-    return train, np.array(counts, dtype=np.float64)
+__all__ = ["score_trajectories"]
 
 
 def score_trajectories(

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dibs.lit.resume import LAST, UntrustedCheckpoint, check_trusted, remove_unfinished, rewind_event_files
+from dibs.resume import LAST, UntrustedCheckpoint, check_trusted, remove_unfinished, rewind_event_files
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dibs.data.prompts import PromptTemplate
-from dibs.lit.datamodule import EMDataModule, Trajectory, collate_trajectories
+from dibs.estep.samples import Trajectory
+from dibs.lit.datamodule import EMDataModule, collate_trajectories
 
 
 def make_dm(task, tokenizer, **kw):

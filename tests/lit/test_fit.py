@@ -164,7 +164,7 @@ def test_sweep_and_iterations_without_accepted_samples(tmp_path, cache):
     runs = [sweep / "seed=0", sweep / "seed=1"]  # named by the swept key only, not by the fixed overrides
     logs = [(run / "train.log").read_text() for run in runs]  # each run's own log file
     for log in logs:
-        assert log.count("iteration 0: no training sample has a non-zero advantage (0 of 128 accepted)") == 1
+        assert log.count("iteration 1: no training sample has a non-zero advantage (0 of 128 accepted)") == 1
         assert "the run continues" in log
     for run in runs:
         assert "train/loss" not in scalars(run)  # no update was made

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from dibs.core.losses import AGG_MODES, ALGORITHMS
-from dibs.lit.datamodule import Trajectory, collate_trajectories
+from dibs.estep.samples import Trajectory
+from dibs.lit.datamodule import collate_trajectories
 from dibs.lit.module import EMModule
 from dibs.lit.scoring import score_trajectories
 

@@ -1,6 +1,6 @@
 """The sampling-strategy interface: how an iteration's sampling budget is spread over its prompts, in rounds.
 
-An E-step (``dibs.lit.estep``) asks a strategy for a first round of samples, draws them, verifies them and shows
+An E-step (``dibs.estep.step``) asks a strategy for a first round of samples, draws them, verifies them and shows
 the strategy what came back; the strategy answers with the next round or with ``None`` (stop). Every sample of
 every round is counted; the E-step also stops when the strategy's ``max_samples`` for the iteration is spent
 (trimming a round that would overshoot, largest requests first, ``fit_to_budget``). Then the strategy says, for

@@ -1,4 +1,4 @@
-"""The E-step's advantages by prompt group and the choice of training samples (dibs.lit.scoring)."""
+"""The E-step's advantages by prompt group and the choice of training samples (dibs.estep.samples)."""
 
 import math
 
@@ -8,9 +8,9 @@ import torch
 
 from dibs.core.losses import ALGORITHMS
 from dibs.core.sampling import Uniform
-from dibs.lit.dist import Dist
-from dibs.lit.estep import EStep
-from dibs.lit.scoring import build_trajectories, select_training
+from dibs.estep.dist import Dist
+from dibs.estep.samples import build_trajectories, select_training
+from dibs.estep.step import EStep
 from dibs.rollout.base import Completion, SamplingParams
 
 PROMPTS = {7: torch.tensor([1, 2]), 3: torch.tensor([3]), 11: torch.tensor([4, 5, 6]), 2: torch.tensor([7])}

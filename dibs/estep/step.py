@@ -28,10 +28,9 @@ from dibs.core.losses import Algorithm
 from dibs.core.sampling import Request, RoundTally, Strategy, fit_to_budget
 from dibs.core.sampling.base import ACCEPT
 from dibs.core.verifier import STATUSES
-from dibs.lit.datamodule import IterationPrompts, Trajectory
-from dibs.lit.dist import Dist
-from dibs.lit.estimates import GradNormMeter
-from dibs.lit.scoring import build_trajectories, select_training
+from dibs.estep.dist import Dist
+from dibs.estep.gradnorms import GradNormMeter
+from dibs.estep.samples import IterationPrompts, Trajectory, build_trajectories, select_training
 from dibs.rollout.base import Completion, SamplingParams, check_logprob_gap
 
 __all__ = ["EStep", "EStepResult", "Round", "check_keep_rejected"]

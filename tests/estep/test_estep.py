@@ -1,4 +1,4 @@
-"""The E-step in-process (dibs.lit.estep), without a Trainer: the tests' tiny Qwen2 samples through the real HF
+"""The E-step in-process (dibs.estep.step), without a Trainer: the tests' tiny Qwen2 samples through the real HF
 generator, and a reward rule that accepts a sample whose token count is even stands in for the answer check, so
 that acceptance is spread over prompts the way an allocation needs. The sequence is checked round by round:
 pilot, allocation, second round, reuse, online estimates, rounds until solved and the iteration's sample cap."""
@@ -15,10 +15,10 @@ from dibs.core.losses import ALGORITHMS
 from dibs.core.sampling import GVM, GradSettings, Request, RoundTally, Uniform, UntilSolved
 from dibs.core.verifier import VerifyResult
 from dibs.data.prompts import PromptTemplate, encode_prompts
-from dibs.lit.datamodule import IterationPrompts
-from dibs.lit.dist import Dist
-from dibs.lit.estep import EStep
-from dibs.lit.estimates import GradNormMeter
+from dibs.estep.dist import Dist
+from dibs.estep.gradnorms import GradNormMeter
+from dibs.estep.samples import IterationPrompts
+from dibs.estep.step import EStep
 from dibs.rollout.base import SamplingParams
 from dibs.rollout.hf import HFGenerator
 

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from dibs.core.batching import chunk_by_tokens, pad_right
 from dibs.core.grad_norms import all_grad_norms, grad_norms
 from dibs.core.sampling import GradSettings
-from dibs.lit.dist import Dist
+from dibs.estep.dist import Dist
 from dibs.rollout.base import Completion
 
 __all__ = ["GradNormMeter", "policy_grad_norms"]
