@@ -97,6 +97,7 @@ def main(cfg: DictConfig) -> float:
         cache_dir=cfg.cache_dir,
         max_prompt_tokens=cfg.max_prompt_tokens,
         eval_sampling=eval_sampling,
+        verifier=lambda: instantiate(cfg.reward),
     )
     evaluation = build_eval_plan(
         plain(cfg.eval),

@@ -43,7 +43,9 @@ def main() -> None:
     model = build_tiny_qwen2(
         tokenizer, hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=4 * args.hidden, seed=0
     ).eval()
-    _, prompts, _ = encode_prompts(task.test[: args.prompts], tokenizer, PromptTemplate(), max_prompt_tokens=512)
+    _, prompts, _ = encode_prompts(
+        task.test[: args.prompts], tokenizer, PromptTemplate(None, "", ""), max_prompt_tokens=512
+    )
     sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens)
     print(
         f"model: Qwen2 hidden={args.hidden} layers={args.layers} ({count_parameters(model) / 1e6:.2f}M params), "
@@ -51,7 +53,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
 
-    generator = HFGenerator(model, tokenizer, token_budget=args.token_budget)
+    generator = HFGenerator(model, tokenizer, token_budget=args.token_budget, show_progress=False)
     torch.manual_seed(0)
     generator.generate(prompts[:2], [1, 1], sampling)  # warm-up
     started = time.perf_counter()

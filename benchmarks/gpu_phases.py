@@ -80,12 +80,12 @@ def main() -> None:
     config = Qwen2Config(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     policy = Qwen2ForCausalLM(config).to(device)  # fp32 weights, as the trainer keeps them
     params = sum(p.numel() for p in policy.parameters())
-    _, prompts, _ = encode_prompts(task.test, tokenizer, PromptTemplate(), max_prompt_tokens=1024)
+    _, prompts, _ = encode_prompts(task.test, tokenizer, PromptTemplate(None, "", ""), max_prompt_tokens=1024)
     print(f"{args.shape}: {params / 1e6:.0f}M parameters on {device}; {len(prompts)} prompts x {args.n} samples")
 
     # ---- E-step: sampling (bf16 copy of the policy in the generator, as a colocated engine would hold) ----
     generator = HFGenerator(policy.to(torch.bfloat16 if device.type == "cuda" else torch.float32), tokenizer,
-                            token_budget=args.token_budget)  # fmt: skip
+                            token_budget=args.token_budget, show_progress=False)  # fmt: skip
     policy.float()
     done = phase(device)
     groups = generator.generate(prompts, [args.n] * len(prompts), SamplingParams(max_new_tokens=args.new_tokens))

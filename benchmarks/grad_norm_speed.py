@@ -75,7 +75,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         batch = rows(args.samples, len(tokenizer))
         label = f"h{hidden} L{layers} ({params / 1e6:.2f}M)"
-        generator = HFGenerator(model, tokenizer, token_budget=1 << 20)
+        generator = HFGenerator(model, tokenizer, token_budget=1 << 20, show_progress=False)
         for param in ("embed_tokens", "lm_head"):
             times = measure(model, generator, param, batch, args.repeats)
             for path in ("batched", "in the log-prob pass"):

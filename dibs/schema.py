@@ -119,7 +119,7 @@ class Eval(_Open):
     pass_k: list[int] = Field(min_length=1)
     every: int = Field(ge=1)
     before_training: bool
-    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    max_prompt_tokens: int | None = Field(ge=1)  # null: no limit
     sampling: Sampling
 
     @model_validator(mode="after")
@@ -156,10 +156,10 @@ class Warmstart(_Closed):
         return self
 
 
-class Model(_Open):
+class Model(_Open):  # None: a key this model group does not have
     path: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = "float32"
-    vocab_size: int | None = Field(default=None, ge=16)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    vocab_size: int | None = Field(default=None, ge=259)  # a byte-level BPE holds 256 bytes and 3 special tokens
 
 
 class Budget(_Closed):
@@ -181,11 +181,11 @@ class Checkpointing(_Closed):
     trust: bool
 
 
-class Reward(_Open):
-    num_workers: int = Field(default=1, ge=1)
-    timeout_s: float = Field(default=2, gt=0)
-    hard_timeout_s: float = Field(default=5.0, gt=0)
-    max_answer_chars: int = Field(default=256, ge=1)
+class Reward(_Open):  # None: a key this reward does not have
+    num_workers: int | None = Field(default=None, ge=1)
+    timeout_s: int | None = Field(default=None, ge=1)  # whole seconds: SIGALRM takes no fraction
+    hard_timeout_s: float | None = Field(default=None, gt=0)
+    max_answer_chars: int | None = Field(default=None, ge=1)
 
 
 class Trainer(_Open):

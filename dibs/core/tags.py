@@ -3,7 +3,7 @@ held-out accuracy, cumulative costs and the allocation diagnostics, each named o
 
 from __future__ import annotations
 
-__all__ = ["ALLOC", "ALLOC_TAGS", "COST", "COST_UNITS", "ITERATION", "ITERATION_TAGS", "VAL_ACC", "VAL_LEVEL"]
+__all__ = ["ALLOC_TAGS", "COST", "COST_UNITS", "ITERATION", "ITERATION_TAGS", "VAL_ACC", "VAL_LEVEL"]
 
 VAL_ACC = "val/acc"  # held-out Average@k (the mean over the benchmarks when several are evaluated)
 VAL_LEVEL = "val/acc_level_"  # + a difficulty level: Average@k of the first benchmark's problems of that level
@@ -12,7 +12,6 @@ COST_UNITS = ("samples", "tokens", "updates", "wall_s")  # generated samples (pi
 # optimiser updates, seconds of E-steps and M-steps
 ITERATION = "iteration"  # the 0-based iteration an E-step's scalars belong to
 ITERATION_TAGS = ("rollout/accept_rate", "rollout/samples", "pilot/samples_cum")  # per E-step, read by reports
-ALLOC = "alloc/"
 # Logged by an E-step whose strategy allocated samples from estimates (GVM): name -> what it is.
 ALLOC_TAGS = {
     "alloc/zero_frac": "the fraction of an iteration's prompts that the allocation gives no sample",

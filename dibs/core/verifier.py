@@ -10,7 +10,7 @@ number set as text (AIME's ``\textbf{(073)}``) is handed to math-verify as that 
 question (``\dfrac``, degrees, ``\$``, thousands separators, units, matrices) is math-verify's own.
 
 Failure accounting (the reference scored failures 0 silently): every item gets exactly one status from
-``STATUSES``; ``VerifyResult.counts()`` reports all of them, zeros included. Only exact/verified pay 1.
+``STATUSES``, and the E-step logs the count of each (``reward/<status>``). Only exact/verified pay 1.
   exact        normalised strings equal; no subprocess
   verified     math-verify says equal
   rejected     both sides parsed to maths, math-verify says different
@@ -65,13 +65,6 @@ _TEXT_NUMBER = re.compile(
 class VerifyResult:
     rewards: np.ndarray  # [N] float32 in {0.0, 1.0}
     status: tuple[str, ...]  # [N] each one of STATUSES
-
-    def counts(self) -> dict[str, int]:
-        """Every status -> how many items got it (zeros included, so the keys are always STATUSES)."""
-        counts = dict.fromkeys(STATUSES, 0)
-        for s in self.status:
-            counts[s] += 1
-        return counts
 
 
 def extract_boxed(text: str) -> str | None:
@@ -232,19 +225,13 @@ class MathVerifier:
     """Scores completions against golds; see the module docstring for the reward and the statuses.
 
     ``num_workers`` processes verify in parallel; each comparison or parse gets math-verify's own
-    ``timeout_s`` (integer seconds), and a task running past ``hard_timeout_s`` is killed by the pool.
-    ``_check_fn`` is for tests only: a picklable replacement for the worker function.
+    ``timeout_s`` (integer seconds), and a task running past ``hard_timeout_s`` is killed by the pool. The settings
+    are the ``reward`` group's (``conf/reward/math_verify.yaml``); none has a default here.
     """
 
-    def __init__(
-        self,
-        *,
-        num_workers: int = 1,
-        timeout_s: int = 2,
-        hard_timeout_s: float = 5.0,
-        max_answer_chars: int = 256,
-        _check_fn: Callable[[str, str, int], str] = _check,
-    ) -> None:
+    _check_fn: Callable[[str, str, int], str] = staticmethod(_check)  # the workers' function, picklable by name
+
+    def __init__(self, *, num_workers: int, timeout_s: int, hard_timeout_s: float, max_answer_chars: int) -> None:
         if float(timeout_s) != int(timeout_s) or int(timeout_s) < 1:
             # SIGALRM takes whole seconds: a float makes math-verify's parse fail on every item.
             raise ValueError(f"timeout_s must be a whole number of seconds >= 1, got {timeout_s!r}")
@@ -256,7 +243,6 @@ class MathVerifier:
         self.timeout_s = int(timeout_s)
         self.hard_timeout_s = float(hard_timeout_s)
         self.max_answer_chars = int(max_answer_chars)
-        self._check_fn = _check_fn
         self._pool: Any = None
 
     def score(self, completions: Sequence[str], golds: Sequence[str]) -> VerifyResult:

@@ -25,9 +25,9 @@ class PromptTemplate:
     """``system_prompt`` (None: no system turn), text appended to the problem in the user turn, and text that
     opens the assistant turn (e.g. ``"<think>\\n"``): part of the prompt, so never of the trained response."""
 
-    system_prompt: str | None = None
-    user_suffix: str = ""
-    response_prefix: str = ""
+    system_prompt: str | None  # the settings of conf/template/*.yaml (``none``: None, "", "")
+    user_suffix: str
+    response_prefix: str
 
     def messages(self, problem: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []

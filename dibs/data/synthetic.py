@@ -129,9 +129,9 @@ def generate_problems(n: int, *, seed: int, split: str, level_weights: Weights =
 
 def make_task(
     *,
-    seed: int = 0,
-    n_train: int = 2000,
-    n_test: int = 200,
+    seed: int,
+    n_train: int,
+    n_test: int,
     level_weights: Weights = None,
 ) -> TaskSplits:
     """The train pool and the held-out test set of the embedded default task."""

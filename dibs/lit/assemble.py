@@ -14,14 +14,13 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from dibs import __version__
 from dibs.core.budget import Budget
 from dibs.core.sampling import Strategy
-from dibs.core.verifier import MathVerifier
 from dibs.data.benchmarks import load_benchmarks
 from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
 from dibs.data.synthetic import TaskSplits, corpus
@@ -47,8 +46,10 @@ def prepare_policy(
     cache_dir: str,
     max_prompt_tokens: int,
     eval_sampling: SamplingParams,
+    verifier: Callable[[], Any],
 ):
-    """Returns (policy, tokenizer). ``model`` holds the model config group; ``warmstart`` the SFT group."""
+    """Returns (policy, tokenizer). ``model`` holds the model config group; ``warmstart`` the SFT group;
+    ``verifier`` builds the run's verifier (the ``reward`` group) for the warm start's accuracy probe."""
     if model.get("path"):
         require_model_folder(model["path"])  # a wrong path fails before anything else runs
         if warmstart["steps"] <= 0:
@@ -77,7 +78,9 @@ def prepare_policy(
         f"pi0: SFT warm start of a {count_parameters(policy) / 1e6:.2f}M-parameter policy "
         f"({warmstart['steps']} steps max, stop at {100 * warmstart['target_accuracy']:.0f}% accuracy)"
     )
-    report = _run_sft(policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling)
+    report = _run_sft(
+        policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling, verifier()
+    )
     info(
         f"pi0: SFT stopped by {report.stopped_by} after {report.steps} steps ({report.seconds:.0f}s), "
         f"{_accuracy(report)}; cached in {folder}"
@@ -113,7 +116,7 @@ def _remove_stale_staging(cache: Path, max_age_s: float = 86_400) -> None:
 
 
 def _run_sft(
-    policy, tokenizer, task, template, warmstart, out_dir, max_prompt_tokens, eval_sampling
+    policy, tokenizer, task, template, warmstart, out_dir, max_prompt_tokens, eval_sampling, verifier
 ) -> WarmStartReport:
     # Without a held-out split, the stop rule probes the pool's tail, which the SFT then leaves out.
     held_out = task.test or task.train[-warmstart["eval_problems"] :]
@@ -126,10 +129,10 @@ def _run_sft(
     probe, probe_ids, _ = encode_prompts(
         held_out[: warmstart["eval_problems"]], tokenizer, template, max_prompt_tokens=max_prompt_tokens
     )
-    verifier = MathVerifier()
 
     def measure(model) -> float:
-        generator = HFGenerator(model, tokenizer)
+        # the probe's own chunking (32768 padded tokens a call): part of what the cached pi0 depends on
+        generator = HFGenerator(model, tokenizer, token_budget=32768, show_progress=False)
         groups = generator.generate(probe_ids, [warmstart["eval_samples"]] * len(probe_ids), eval_sampling)
         texts = [c.text for g in groups for c in g]
         golds = [p.answer for p, g in zip(probe, groups) for _ in g]

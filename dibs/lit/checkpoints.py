@@ -72,8 +72,8 @@ class IterationCheckpoint(Checkpoint):
         dirpath: str | os.PathLike,
         run_dir: str | os.PathLike,
         *,
-        every_updates: int = 0,
-        keep: int = 2,
+        every_updates: int,
+        keep: int,
         rollout: Any = None,
     ) -> None:
         if keep < 1:

@@ -33,7 +33,7 @@ class EvalPlan:
     sampling: SamplingParams
     every: int
     before_training: bool
-    averages: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    averages: Mapping[str, Sequence[str]]  # suite name -> its benchmarks (the benchmarks group's)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -79,7 +79,7 @@ def evaluate(
     samples: int,
     pass_k: Sequence[int],
     sampling: SamplingParams,
-    averages: Mapping[str, Sequence[str]] | None = None,
+    averages: Mapping[str, Sequence[str]],
     iteration: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -104,7 +104,7 @@ def evaluate(
         )
         scores[bench.name] = {k: float(v) for k, v in metric.compute().items()}
     k = f"avg@{samples}"
-    return EvalResult(samples, iteration, scores, suite_averages({n: s[k] for n, s in scores.items()}, averages or {}))
+    return EvalResult(samples, iteration, scores, suite_averages({n: s[k] for n, s in scores.items()}, averages))
 
 
 def val_metrics(result: EvalResult) -> dict[str, float]:

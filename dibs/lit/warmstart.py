@@ -61,7 +61,7 @@ def sft(
     target_accuracy: float,
     measure: Callable[[PreTrainedModel], float],
     out_dir: Path,
-    schedule: str = "cosine",
+    schedule: str,
 ) -> WarmStartReport:
     """Train on (prompt ids, response ids) pairs with the response-only NLL; save model+report."""
     started, generator = time.perf_counter(), torch.Generator().manual_seed(seed)

@@ -35,8 +35,8 @@ class HFGenerator:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         *,
-        token_budget: int = 32768,
-        show_progress: bool = False,
+        token_budget: int,
+        show_progress: bool,
     ) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         # Neutral defaults: a checkpoint's generation_config.json (repetition penalty, top_p, ...) must never

@@ -5,7 +5,8 @@ Tested against vLLM 0.30-0.33 (``dibs.rollout.availability``). One request per p
 ``SamplingParams(n=n_i)``; the engine reports log-probs with ``logprobs_mode="processed_logprobs"``, i.e. after
 temperature (and top-k/top-p), because its default, ``raw_logprobs``, is the temperature-1 distribution. With
 ``top_p=1`` and ``top_k=0`` that is exactly the HF backend's and the trainer's log π at the sampling temperature;
-with a nucleus the engine renormalises over it, which the trainer does not (the self-check then measures the gap).
+with a nucleus the engine renormalises over it, which the trainer does not (the E-step's check of the sampler's
+log-probs against the trainer's, ``logprob_check_threshold``, then measures the gap).
 
 Weights go in through the engine's documented RL path: ``LLM.collective_rpc`` calls a method of a worker
 extension (``worker_extension_cls``, the class below, which vLLM mixes into its worker) that hands each bucket
@@ -64,15 +65,9 @@ import torch
 import torch.distributed as dist
 
 from dibs.rollout.availability import require_vllm
-from dibs.rollout.base import Completion, SamplingParams, check_logprob_gap
+from dibs.rollout.base import Completion, SamplingParams
 
-__all__ = [
-    "VLLMGenerator",
-    "WeightLoaderExtension",
-    "check_logprob_gap",
-    "logprob_gap",
-    "weight_buckets",
-]
+__all__ = ["VLLMGenerator", "WeightLoaderExtension", "weight_buckets"]
 
 NamedTensor = tuple[str, torch.Tensor]
 
@@ -87,12 +82,9 @@ class WeightLoaderExtension:
         return len(weights)
 
 
-def weight_buckets(named_tensors: Iterable[NamedTensor], max_bytes: int) -> list[list[NamedTensor]]:
-    """Consecutive groups of at most ``max_bytes`` each, in order; a larger tensor is a bucket of its own."""
-    return list(_iter_buckets(named_tensors, max_bytes))
-
-
-def _iter_buckets(named_tensors: Iterable[NamedTensor], max_bytes: int) -> Iterator[list[NamedTensor]]:
+def weight_buckets(named_tensors: Iterable[NamedTensor], max_bytes: int) -> Iterator[list[NamedTensor]]:
+    """Consecutive groups of at most ``max_bytes`` each, in order, one at a time; a larger tensor is a bucket of
+    its own."""
     bucket: list[NamedTensor] = []
     size = 0
     for name, tensor in named_tensors:
@@ -104,16 +96,6 @@ def _iter_buckets(named_tensors: Iterable[NamedTensor], max_bytes: int) -> Itera
         size += nbytes
     if bucket:
         yield bucket
-
-
-def logprob_gap(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, masks: torch.Tensor) -> float:
-    """Mean |trainer − engine| log-prob over the masked tokens ([B, T] each; 0.0 without tokens).
-
-    The mean, not the max: bf16 kernels put a few tokens of a healthy engine 0.1+ apart, while stale weights
-    move every token, so the mean separates the two where the max would alarm on noise."""
-    mask = masks.bool()  # [B, T]
-    diff = (trainer_logprobs.float() - engine_logprobs.float()).abs()[mask]  # [N]
-    return float(diff.mean()) if diff.numel() else 0.0
 
 
 def _trainer_world() -> tuple[int, int]:
@@ -153,16 +135,15 @@ class VLLMGenerator:
         model: Any,
         tokenizer: Any,
         *,
-        model_path: str | None = None,
-        gpu_memory_utilization: float = 0.5,
-        tensor_parallel_size: int = 1,
-        dtype: str = "bfloat16",
-        enable_sleep_mode: bool = True,
-        weight_bucket_mb: int = 512,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        logprob_check_samples: int = 8,
-        logprob_check_threshold: float = 0.05,
+        model_path: str | None,
+        gpu_memory_utilization: float,
+        tensor_parallel_size: int,
+        dtype: str,
+        enable_sleep_mode: bool,
+        weight_bucket_mb: float,
+        max_model_len: int | None,
+        seed: int,
+        logprob_check_threshold: float,
     ) -> None:
         vllm = require_vllm()  # the one import of vllm: a missing or unusable one fails at start-up
         self._vllm = vllm
@@ -177,7 +158,7 @@ class VLLMGenerator:
         self.enable_sleep_mode = enable_sleep_mode
         self.tensor_parallel_size = tensor_parallel_size
         self.weight_bucket_bytes = int(weight_bucket_mb * 2**20)
-        self.logprob_check_samples, self.logprob_check_threshold = logprob_check_samples, logprob_check_threshold
+        self.logprob_check_threshold = logprob_check_threshold  # read by the E-step's check (dibs.rollout.base)
         self._llm_kwargs: dict[str, Any] = dict(
             model=model_path,
             tokenizer=model_path,
@@ -276,7 +257,7 @@ class VLLMGenerator:
     def load_weights(self, weights: Iterable[NamedTensor]) -> None:
         """Push full (unsharded) tensors in buckets of at most ``weight_bucket_mb``, then drop the prefix cache."""
         llm = self._awake_engine()
-        for bucket in _iter_buckets(weights, self.weight_bucket_bytes):
+        for bucket in weight_buckets(weights, self.weight_bucket_bytes):
             cpu = [(name, t.detach().to("cpu").contiguous()) for name, t in bucket]  # what the RPC serialises
             llm.collective_rpc("dibs_load_weights", args=(cpu,))
         llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
@@ -290,20 +271,3 @@ class VLLMGenerator:
     def wake(self) -> None:
         """Build the engine if needed, and wake it if it sleeps."""
         self._awake_engine()
-
-    # ---- self-check -----------------------------------------------------------------------------
-    def check_logprobs(self, completions: Sequence[Completion], trainer_logprobs: Sequence[torch.Tensor]) -> float:
-        """Gap between the engine's and the trainer's log-probs on the first ``logprob_check_samples``
-        completions (``trainer_logprobs[k]`` [T_k] for ``completions[k]``); raises above the threshold."""
-        k = min(self.logprob_check_samples, len(completions), len(trainer_logprobs))
-        if k == 0:
-            return 0.0
-        length = max(len(c.token_ids) for c in completions[:k])
-        engine, trainer, mask = (torch.zeros(k, length) for _ in range(3))  # [k, T] each
-        for j, (c, lp) in enumerate(zip(completions[:k], trainer_logprobs[:k])):
-            if len(lp) != len(c.logprobs):
-                raise ValueError(f"sample {j}: {len(lp)} trainer log-probs for {len(c.logprobs)} tokens")
-            engine[j, : len(lp)], trainer[j, : len(lp)], mask[j, : len(lp)] = c.logprobs, lp, 1.0
-        gap = logprob_gap(trainer, engine, mask)
-        check_logprob_gap(gap, self.logprob_check_threshold)
-        return gap

@@ -36,7 +36,9 @@ MATH500 = check_gold.BENCHMARKS / "math500.jsonl"
 def verifier():
     if not MATH500.is_file():
         pytest.skip(f"MATH500 not found at {MATH500} (benchmark files sit outside the checkout)")
-    with MathVerifier(num_workers=1, timeout_s=2, hard_timeout_s=5.0) as v:  # conf/reward/math_verify.yaml
+    with MathVerifier(
+        num_workers=1, timeout_s=2, hard_timeout_s=5.0, max_answer_chars=256
+    ) as v:  # conf/reward/math_verify.yaml
         yield v
 
 

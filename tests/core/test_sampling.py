@@ -115,4 +115,4 @@ def test_fit_to_budget_stays_within_the_request_and_the_budget(counts, remaining
     trimmed = out < counts
     if trimmed.any():  # trimmed from the top: the trimmed prompts end level (within 1), no untrimmed one above them
         assert out[trimmed].max() - out[trimmed].min() <= 1
-        assert (counts[~trimmed] <= out[trimmed].max()).all()
+        assert (counts[~trimmed] <= out[trimmed].max() + 1).all()  # e.g. [3, 3] to 5: [3, 2]

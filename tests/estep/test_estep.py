@@ -45,12 +45,12 @@ def gvm(**overrides):
 
 @pytest.fixture()
 def prompts(task, tokenizer):
-    _, ids, _ = encode_prompts(task.train[:6], tokenizer, PromptTemplate(), max_prompt_tokens=256)
+    _, ids, _ = encode_prompts(task.train[:6], tokenizer, PromptTemplate(None, "", ""), max_prompt_tokens=256)
     return IterationPrompts(pool=np.arange(100, 106), token_ids=ids, answers=["1"] * 6)
 
 
 def e_step(strategy, tiny_model, tokenizer, reward=None, **kw):
-    generator = HFGenerator(tiny_model, tokenizer)
+    generator = HFGenerator(tiny_model, tokenizer, token_budget=32768, show_progress=False)
     meter = None
     if strategy.grad is not None:
         meter = GradNormMeter(
@@ -117,7 +117,7 @@ def test_g_from_the_generator_equals_g_on_the_policy(tiny_model, tokenizer, prom
 
 
 def test_grad_eos_false_leaves_the_final_eos_out(tiny_model, tokenizer, prompts):
-    generator = HFGenerator(tiny_model, tokenizer)
+    generator = HFGenerator(tiny_model, tokenizer, token_budget=32768, show_progress=False)
     torch.manual_seed(0)
     groups = generator.generate(prompts.token_ids, [4] * 6, SamplingParams(temperature=1.0, max_new_tokens=30))
     stopped = [[c for c in g if c.finish_reason == "stop" and len(c.token_ids) > 1] for g in groups]

@@ -9,7 +9,9 @@ from dibs.lit.datamodule import EMDataModule, collate_trajectories
 
 
 def make_dm(task, tokenizer, **kw):
-    args = dict(template=PromptTemplate(), prompts_per_iteration=10, batch_size=4, updates_per_iteration=3, seed=1)
+    args = dict(
+        template=PromptTemplate(None, "", ""), prompts_per_iteration=10, batch_size=4, updates_per_iteration=3, seed=1
+    )
     args.update(pool_sampling="random", update_accounting="fixed", rows_per_prompt=1, max_prompt_tokens=512)
     args.update(kw)
     return EMDataModule(task.train, tokenizer, **args)

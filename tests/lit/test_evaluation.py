@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dibs.core.verifier import MathVerifier
 from dibs.data.benchmarks import Benchmark
 from dibs.data.records import Problem
 from dibs.lit.evaluation import EvalPlan, EvalResult, eval_seed, evaluate, format_summary, val_metrics
 from dibs.rollout.base import Completion, SamplingParams
+
+REWARD = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/reward/math_verify.yaml"))
+REWARD.pop("_target_")
 
 
 class ScriptedGenerator:
@@ -35,7 +41,7 @@ def bench(name: str, golds: list[str], levels: list[str]) -> Benchmark:
 
 @pytest.fixture(scope="module")
 def verifier():
-    v = MathVerifier()
+    v = MathVerifier(**REWARD)
     yield v
     v.close()
 
@@ -53,7 +59,7 @@ def test_average_pass_and_majority_by_hand(verifier):
             2: [b("7"), b("8"), "none", "none"],  # 1 right; "7" and "8" tie -> maj 1/2
         }
     )
-    result = evaluate(generator, verifier, [math], samples=4, pass_k=[1, 2], sampling=SamplingParams())
+    result = evaluate(generator, verifier, [math], samples=4, pass_k=[1, 2], sampling=SamplingParams(), averages={})
     s = result.scores["math"]
     assert s["avg@4"] == pytest.approx((2 / 4 + 1 / 4 + 1 / 4) / 3)  # = 1/3
     assert s["pass@1"] == pytest.approx(s["avg@4"])  # pass@1 is the mean success rate
@@ -85,7 +91,7 @@ def test_a_rank_without_problems_still_reports_its_benchmarks(verifier):
     generator = ScriptedGenerator({})
     result = evaluate(
         generator, verifier, [bench("a", ["1"], [""])], samples=2, pass_k=[1], sampling=SamplingParams(),
-        rank=1, world_size=2,
+        averages={}, rank=1, world_size=2,
     )  # fmt: skip
     assert generator.calls == [] and result.scores["a"]["problems"] == 0
 
@@ -100,6 +106,7 @@ def test_summary_table_lists_benchmarks_levels_and_averages():
 
 def test_the_plan_evaluates_every_nth_iteration_and_the_last():
     settings = dict(benchmarks=[], samples=4, pass_k=[1, 4], sampling=SamplingParams(), before_training=True)
+    settings["averages"] = {}
     plan = EvalPlan(**settings, every=3)
     assert [i for i in range(1, 8) if plan.due(i, last=i == 7)] == [3, 6, 7]
     with pytest.raises(ValueError, match="eval.every=0"):

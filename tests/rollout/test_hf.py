@@ -9,7 +9,7 @@ from dibs.rollout.hf import HFGenerator
 
 @pytest.fixture()
 def prompts(task, tokenizer):
-    _, ids, _ = encode_prompts(task.test[:4], tokenizer, PromptTemplate(), max_prompt_tokens=256)
+    _, ids, _ = encode_prompts(task.test[:4], tokenizer, PromptTemplate(None, "", ""), max_prompt_tokens=256)
     return ids
 
 
@@ -22,7 +22,7 @@ def unbatched_logprobs(model, prompt, response, temperature):
 
 
 def test_variable_samples_per_prompt_and_consistent_outputs(tiny_model, tokenizer, prompts):
-    gen = HFGenerator(tiny_model, tokenizer, token_budget=10_000)
+    gen = HFGenerator(tiny_model, tokenizer, token_budget=10_000, show_progress=False)
     torch.manual_seed(0)
     sampling = SamplingParams(temperature=1.3, max_new_tokens=12)
     out = gen.generate(prompts, [2, 0, 3, 1], sampling)
@@ -40,7 +40,7 @@ def test_variable_samples_per_prompt_and_consistent_outputs(tiny_model, tokenize
 
 
 def test_token_budget_chunks_give_same_logprob_semantics(tiny_model, tokenizer, prompts):
-    gen = HFGenerator(tiny_model, tokenizer, token_budget=1)  # one row per generate() call
+    gen = HFGenerator(tiny_model, tokenizer, token_budget=1, show_progress=False)  # one row per generate() call
     out = gen.generate(prompts[:2], [2, 2], SamplingParams(max_new_tokens=6))
     for prompt, group in zip(prompts[:2], out):
         for c in group:
@@ -50,7 +50,7 @@ def test_token_budget_chunks_give_same_logprob_semantics(tiny_model, tokenizer, 
 
 
 def test_sampling_is_reproducible_under_a_seed(tiny_model, tokenizer, prompts):
-    gen = HFGenerator(tiny_model, tokenizer)
+    gen = HFGenerator(tiny_model, tokenizer, token_budget=32768, show_progress=False)
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
@@ -59,7 +59,7 @@ def test_sampling_is_reproducible_under_a_seed(tiny_model, tokenizer, prompts):
 
 
 def test_load_weights_updates_the_generator_copy_including_tied_names(tiny_model, tokenizer, prompts):
-    gen = HFGenerator(tiny_model, tokenizer)
+    gen = HFGenerator(tiny_model, tokenizer, token_budget=32768, show_progress=False)
     assert gen.model is not tiny_model  # the generator owns its copy
     with torch.no_grad():
         for p in tiny_model.parameters():
@@ -76,7 +76,7 @@ def test_load_weights_updates_the_generator_copy_including_tied_names(tiny_model
 def test_generation_config_of_a_checkpoint_does_not_leak(tiny_model, tokenizer, prompts):
     tiny_model.generation_config.repetition_penalty = 5.0  # as a hub generation_config.json might set
     tiny_model.generation_config.top_k = 3
-    gen = HFGenerator(tiny_model, tokenizer)
+    gen = HFGenerator(tiny_model, tokenizer, token_budget=32768, show_progress=False)
     assert gen.model.generation_config.repetition_penalty in (None, 1.0)
     assert gen.model.generation_config.top_k in (None, 0, 50)  # overridden per call by SamplingParams.top_k
 
@@ -93,7 +93,7 @@ def test_head_grad_norms_from_the_logprob_pass_equal_the_autograd_oracle(tokeniz
     # G w.r.t. lm_head comes with the teacher-forced log-prob pass (a hook catches the projection's input);
     # it must equal the per-sample autograd loop on an untied copy of the same weights
     model = tiny_model_factory(tied).float()
-    gen = HFGenerator(model, tokenizer, token_budget=10_000)
+    gen = HFGenerator(model, tokenizer, token_budget=10_000, show_progress=False)
     torch.manual_seed(1)
     out = gen.generate(prompts, [2, 1, 0, 2], SamplingParams(temperature=1.2, max_new_tokens=10), head_grad_norms=True)
     plain = gen.generate(prompts[:1], [1], SamplingParams(max_new_tokens=4))

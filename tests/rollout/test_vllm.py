@@ -13,14 +13,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 
 from dibs.core.logprobs import sequence_logprobs
 from dibs.data.prompts import PromptTemplate, encode_prompts
 from dibs.lit.weights import iter_full_tensors
 from dibs.rollout import availability
 from dibs.rollout import vllm as vllm_backend
-from dibs.rollout.base import SamplingParams
-from dibs.rollout.vllm import VLLMGenerator, check_logprob_gap, logprob_gap, weight_buckets
+from dibs.rollout.base import SamplingParams, check_logprob_gap
+from dibs.rollout.vllm import VLLMGenerator, weight_buckets
 
 STANDIN = Path(__file__).with_name("vllm_standin.py")
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -39,12 +40,23 @@ def standin(monkeypatch):
 
 @pytest.fixture()
 def prompts(task, tokenizer):
-    _, ids, _ = encode_prompts(task.test[:4], tokenizer, PromptTemplate(), max_prompt_tokens=256)
+    _, ids, _ = encode_prompts(task.test[:4], tokenizer, PromptTemplate(None, "", ""), max_prompt_tokens=256)
     return ids
 
 
+GENERATOR = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "rollout" / "vllm.yaml").generator
+SETTINGS = {k: v for k, v in OmegaConf.to_container(GENERATOR).items() if not k.startswith("_")}
+
+
 def make(model, tokenizer, **kwargs) -> VLLMGenerator:
-    return VLLMGenerator(model, tokenizer, **{"dtype": "float32", **kwargs})
+    """The generator with conf/rollout/vllm.yaml's settings (in float32, from a temporary folder) and ``kwargs``."""
+    return VLLMGenerator(model, tokenizer, **{**SETTINGS, "model_path": None, "dtype": "float32", **kwargs})
+
+
+def logprob_gap(completions, trainer) -> float:
+    """Mean |engine − trainer| log-prob per token over the completions (the E-step's check, on a few samples)."""
+    diffs = [(c.logprobs - t).abs() for c, t in zip(completions, trainer, strict=True)]
+    return float(torch.cat(diffs).mean()) if diffs else 0.0
 
 
 def trainer_logprobs(model, prompt, completion, temperature):
@@ -179,10 +191,10 @@ def test_a_missing_completion_is_an_error(standin, tiny_model, tokenizer, prompt
 def test_buckets_keep_order_and_cap_bytes():
     t = {n: torch.zeros(k, dtype=torch.float32) for n, k in [("a", 10), ("b", 10), ("c", 30), ("d", 5), ("e", 20)]}
     # caps of 100 bytes: a+b = 80 (+c = 200 > 100) | c = 120 alone (over the cap) | d+e = 20 + 80 = 100
-    buckets = weight_buckets(t.items(), max_bytes=100)
+    buckets = list(weight_buckets(t.items(), max_bytes=100))
     assert [[n for n, _ in b] for b in buckets] == [["a", "b"], ["c"], ["d", "e"]]
     assert all(x is t[n] for b in buckets for n, x in b)  # the tensors themselves, no copies
-    assert weight_buckets([], 100) == []
+    assert list(weight_buckets([], 100)) == []
     assert [[n for n, _ in b] for b in weight_buckets(t.items(), max_bytes=1)] == [[n] for n in t]
 
 
@@ -190,7 +202,7 @@ def test_weight_push_one_rpc_per_bucket_then_prefix_cache_reset(standin, tiny_mo
     gen = make(tiny_model, tokenizer, weight_bucket_mb=0.02)  # ~21 kB: the 51 kB embedding goes alone
     new = perturbed(tiny_model).state_dict()
     gen.load_weights(new.items())
-    n_buckets = len(weight_buckets(new.items(), int(0.02 * 2**20)))
+    n_buckets = len(list(weight_buckets(new.items(), int(0.02 * 2**20))))
     assert 2 < n_buckets < len(new)
     assert gen._engine().calls == [("collective_rpc", "dibs_load_weights")] * n_buckets + [("reset_prefix_cache", None)]
     engine = gen._engine().worker.get_model().hf_model.state_dict()
@@ -273,13 +285,7 @@ def test_each_rank_builds_its_own_engine_on_its_device_with_the_external_launche
 # ---------------------------------------------------------------- self-check
 
 
-def test_logprob_gap_is_the_mean_abs_over_masked_tokens():
-    trainer = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 9.0]])
-    engine = torch.tensor([[-1.5, -2.0, -2.0], [-0.5, -0.7, 0.0]])
-    masks = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    # |Δ| on the 5 real tokens: 0.5, 0, 1, 0, 0.2 → 1.7 / 5 = 0.34 (the padded 9 vs 0 is ignored)
-    assert logprob_gap(trainer, engine, masks) == pytest.approx(0.34)
-    assert logprob_gap(trainer, engine, torch.zeros(2, 3)) == 0.0
+def test_the_gap_check_raises_above_its_threshold_and_on_nan():
     check_logprob_gap(0.34, threshold=0.34)
     with pytest.raises(RuntimeError, match=r"logprob_check_threshold=0.3: stale weights\?"):
         check_logprob_gap(0.34, threshold=0.3)
@@ -290,14 +296,14 @@ def test_logprob_gap_is_the_mean_abs_over_masked_tokens():
 def self_check(gen, policy, prompts, temperature=1.3):
     torch.manual_seed(0)
     out = gen.generate(prompts, [1] * len(prompts), SamplingParams(temperature=temperature, max_new_tokens=8))
-    samples = [(p, c) for p, g in zip(prompts, out) for c in g]
-    return gen.check_logprobs(
-        [c for _, c in samples], [trainer_logprobs(policy, p, c, temperature) for p, c in samples]
-    )
+    samples = [(p, c) for p, g in zip(prompts, out) for c in g][:3]
+    gap = logprob_gap([c for _, c in samples], [trainer_logprobs(policy, p, c, temperature) for p, c in samples])
+    check_logprob_gap(gap, gen.logprob_check_threshold)
+    return gap
 
 
 def test_self_check_passes_with_fresh_weights_and_fails_with_stale_ones(standin, tiny_model, tokenizer, prompts):
-    gen = make(tiny_model, tokenizer, logprob_check_samples=3, logprob_check_threshold=0.05)
+    gen = make(tiny_model, tokenizer, logprob_check_threshold=0.05)
     assert self_check(gen, tiny_model, prompts) < 1e-4
     trained = perturbed(tiny_model)
     gen.load_weights(iter_full_tensors(trained))
@@ -376,13 +382,13 @@ def test_real_engine_generates_and_takes_weights(tiny_model, tokenizer, prompts)
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    gen = VLLMGenerator(tiny_model, tokenizer, gpu_memory_utilization=0.2, dtype="float32", max_model_len=1024)
+    gen = make(tiny_model, tokenizer, gpu_memory_utilization=0.2, max_model_len=1024)
     sampling = SamplingParams(temperature=1.3, max_new_tokens=8)
     torch.manual_seed(0)
     out = gen.generate(prompts, [2, 0, 1, 1], sampling)
     assert [len(g) for g in out] == [2, 0, 1, 1]
     samples = [(p, c) for p, g in zip(prompts, out) for c in g]
-    gap = gen.check_logprobs([c for _, c in samples], [trainer_logprobs(tiny_model, p, c, 1.3) for p, c in samples])
+    gap = logprob_gap([c for _, c in samples], [trainer_logprobs(tiny_model, p, c, 1.3) for p, c in samples])
     assert gap < 1e-3
     trained = perturbed(tiny_model)
     gen.sleep(), gen.wake()
