@@ -123,6 +123,20 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path
     assert kept == ["iter_003-update_002.ckpt", "iter_003.ckpt", "last.ckpt"]
 
 
+def test_a_killed_online_gvm_run_resumes_with_its_stored_estimates(tmp_path, cache):
+    # GVM online keeps per-prompt estimates across iterations (the strategy's state, in the checkpoint): a resumed
+    # run that lost them would pilot prompts it has met before, and draw other samples
+    gvm = ["allocation=gvm", "allocation.pilot_samples=2", "allocation.online=true", "data.source.n_train=40"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    launch(reference, cache, *gvm)
+    launch(run, cache, *gvm, kill_after="checkpoint iter_002-update_002.ckpt saved")
+    out = launch(run, cache, *gvm, "ckpt_path=last")
+    assert "resuming" in out and "iteration 2: E-step" not in out
+    assert_same_run(run, reference)
+    pilot = [v for _, v in points(run)["pilot/samples"]]
+    assert pilot[0] == 2 * 16 and pilot[-1] < 2 * 16  # iteration 3 met prompts estimated before: fewer pilots
+
+
 @pytest.mark.distributed
 def test_a_killed_two_process_fsdp2_run_resumes_to_the_uninterrupted_result(tmp_path, cache):
     fsdp2 = ["trainer=fsdp2", "trainer.devices=2"]
