@@ -100,10 +100,16 @@ class EStep:
         torch.manual_seed(self.seed * 1_000_003 + iteration * 1_009 + d.rank)
         times = {"generation": 0.0, "verification": 0.0}
         grad_before = self.grad_norms.seconds if self.grad_norms is not None else 0.0
-        cap, drawn, rounds = strategy.max_samples(num_prompts), 0, []
+        cap, drawn, rounds, idle = strategy.max_samples(num_prompts), 0, [], 0
         request: Request | None = strategy.begin(iteration, prompts.pool)
         while request is not None:
             counts = fit_to_budget(request.counts, cap - drawn)
+            idle = idle + 1 if counts.sum() == 0 else 0  # a round of nothing tells the strategy nothing new
+            if idle > 1:
+                raise RuntimeError(
+                    f"iteration {iteration + 1}: the sampling strategy {type(strategy).__name__} asked for no sample "
+                    "twice in a row; it would never stop"
+                )
             rounds.append(self._round(request, counts, prompts, times))
             drawn += int(counts.sum())
             request = strategy.next(rounds[-1].tally) if drawn < cap else None
@@ -120,9 +126,7 @@ class EStep:
                     if k
                 ]
             )
-        started = time.perf_counter()
-        strategy.observe_training(self._training_tally(kept, prompts, num_prompts))
-        times["verification"] += time.perf_counter() - started  # the online estimates' measuring
+        strategy.observe_training(self._training_tally(kept, prompts, num_prompts))  # G_i: time/grad_norms_s
 
         samples = [
             (int(prompts.pool[p]), c)

@@ -73,6 +73,8 @@ class EMModule(L.LightningModule):
         clip_ratio_c: float | None = None,  # GRPO's dual clip
     ) -> None:
         super().__init__()
+        if loss_scope not in ("update", "micro_batch"):
+            raise ValueError(f"algo.loss_scope={loss_scope!r} is not 'update' or 'micro_batch'")
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["policy", "algorithm"])
         self.hparams["loss"] = algorithm.name

@@ -206,3 +206,19 @@ def test_uniform_is_one_round_and_the_same_samples_for_the_same_seed(tiny_model,
     b = e_step(Uniform(n_per_prompt=2), tiny_model, tokenizer).run(4, prompts)
     assert len(a.rounds) == 1 and a.allocation is None and kept_ids(a) == kept_ids(b)
     assert "alloc/gini" not in a.metrics and a.metrics["pilot/samples"] == 0
+
+
+@dataclass
+class Stuck(Greedy):
+    """Asks for nothing, round after round."""
+
+    def begin(self, iteration, pool):
+        return Request(np.zeros(len(pool), dtype=np.int64))
+
+    def next(self, tally):
+        return Request(np.zeros(len(tally.samples), dtype=np.int64))
+
+
+def test_a_strategy_that_asks_for_nothing_twice_is_stopped(tiny_model, tokenizer, prompts):
+    with pytest.raises(RuntimeError, match="Stuck asked for no sample twice in a row"):
+        e_step(Stuck(), tiny_model, tokenizer).run(0, prompts)
