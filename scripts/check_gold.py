@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 import dibs.conf
-from dibs.core.verifier import MathVerifier, VerifyResult, extract_boxed
+from dibs.core.verifier import STATUSES, MathVerifier, VerifyResult, extract_boxed
 from dibs.data.records import load_problems
 
 BENCHMARKS = Path(dibs.conf.ROOT).parent / "shared" / "data" / "benchmarks"  # outside the checkout, never copied
@@ -110,15 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solution-key", default="solution")
     parser.add_argument("--answer-key", default="answer")
     parser.add_argument("--id-key", default="unique_id", help="shown for misses; '<file>:<line>' if absent")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--timeout-s", type=int, default=2, help="as conf/reward/math_verify.yaml")
-    parser.add_argument("--hard-timeout-s", type=float, default=5.0)
+    reward = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "reward" / "math_verify.yaml")
+    parser.add_argument("--workers", type=int, default=reward.num_workers, help="default: conf/reward")
+    parser.add_argument("--timeout-s", type=int, default=reward.timeout_s)
+    parser.add_argument("--hard-timeout-s", type=float, default=reward.hard_timeout_s)
     parser.add_argument("--math-verify-only", action="store_true", help="skip the exact-match shortcut")
     parser.add_argument("--min-rate", type=float, default=0.0, help="exit 1 below this acceptance rate")
     args = parser.parse_args(argv)
     path = args.file if args.file.exists() or args.file.parent != Path() else BENCHMARKS / args.file
 
-    with MathVerifier(num_workers=args.workers, timeout_s=args.timeout_s, hard_timeout_s=args.hard_timeout_s) as v:
+    settings = dict(num_workers=args.workers, timeout_s=args.timeout_s, hard_timeout_s=args.hard_timeout_s)
+    with MathVerifier(**settings, max_answer_chars=reward.max_answer_chars) as v:
         check = check_gold(
             path,
             v,
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{path.name}: {accepted}/{n} gold solutions accepted ({100 * check.accept_rate:.1f} %) "
         f"in {check.seconds:.1f} s with {args.workers} worker(s)"
     )
-    print("status: " + ", ".join(f"{k}={c}" for k, c in check.result.counts().items()))
+    counts = Counter(check.result.status)
+    print("status: " + ", ".join(f"{k}={counts[k]}" for k in STATUSES))
     for uid, boxed, gold, status in check.misses():
         print(f"MISS {uid}  [{status}]  boxed={boxed!r}  gold={gold!r}")
     return int(check.accept_rate < args.min_rate)
