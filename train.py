@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dibs.conf import register_resolvers
+from dibs.conf import flatten, register_resolvers
 
 # Heavy imports (lightning, transformers) live inside main(): the verifier's worker processes re-import this
 # file's top level when they start, and must not pay for them.
@@ -176,7 +176,7 @@ def main(cfg: DictConfig) -> float:
     )
     rollout.resumed = checkpoint.resumed = resume is not None
     logger = instantiate(cfg.logger)
-    logger.log_hyperparams(_flatten(plain(cfg)))
+    logger.log_hyperparams(flatten(plain(cfg)))
     trainer = L.Trainer(
         **instantiate(cfg.trainer),
         max_epochs=cfg.iterations,
@@ -274,8 +274,8 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
 def _check_same_run(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse to resume a run folder with other settings than the run it holds (a forgotten override would
     otherwise continue it silently with the defaults), naming every key that differs."""
-    before = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "resolved_config.yaml"), resolve=False))
-    now = _flatten(plain(cfg))
+    before = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "resolved_config.yaml"), resolve=False))
+    now = flatten(plain(cfg))
     moved = before.get("run_dir")  # a run folder copied or moved: paths inside it follow it
     if isinstance(moved, str) and moved != now["run_dir"]:
         before = {k: v.replace(moved, now["run_dir"]) if isinstance(v, str) else v for k, v in before.items()}
@@ -294,14 +294,6 @@ def _check_same_run(cfg: DictConfig, run_dir: Path) -> None:
             "change. To go on with new settings, start a new run from its checkpoint: ckpt_path=<that checkpoint> "
             "in another folder."
         )
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
 
 
 if __name__ == "__main__":

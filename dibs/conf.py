@@ -21,7 +21,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-__all__ = ["ROOT", "NOT_IN_RUN_NAMES", "register_resolvers", "run_name"]
+__all__ = ["ROOT", "NOT_IN_RUN_NAMES", "flatten", "register_resolvers", "run_name"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, experiments/, train.py
 NOT_IN_RUN_NAMES = ("grid", "cache_dir", "ckpt_path")  # select the grid or say where files go: not an axis
@@ -63,3 +63,13 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("dibs.run_name", run_name)
     if not OmegaConf.has_resolver("dibs.product"):  # FSDP2's data-parallel size: num_nodes x devices
         OmegaConf.register_new_resolver("dibs.product", lambda *factors: math.prod(int(f) for f in factors))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's nested mappings → dotted keys (``algo.lr``); lists and empty mappings are leaf values."""
+    if isinstance(tree, dict) and tree:
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}

@@ -4,9 +4,6 @@ A run folder holds ``resolved_config.yaml``, ``.hydra/overrides.yaml`` and Tenso
 sweep folder's ``multirun.yaml`` declares the axes (``hydra.sweeper.params`` plus command-line sweeps). Everything
 the report compares must differ only along those axes, so the loader refuses, with a ``ReportError`` naming the
 file, run or key at fault, any grid whose runs differ elsewhere, repeat an axis point, or lack the scalars.
-
-The module runs a little past 350 lines: finding the runs, reading the declared axes and checking that nothing
-else differs are one procedure over the same parsed overrides, and splitting it would pass them between modules.
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dibs.conf import flatten
 from dibs.report.events import COST_UNITS, Curve, ReportError, natural_key, read_curve
 
 __all__ = [
@@ -87,16 +85,6 @@ def format_value(value: Any) -> str:
     if value is None:
         return "null"
     return str(value)
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings → dotted keys; lists (and empty mappings) are leaf values."""
-    if isinstance(tree, dict) and tree:
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: tree}
 
 
 def _parser():

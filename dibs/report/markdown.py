@@ -1,10 +1,7 @@
 """report.md: the numbers of ``metrics.compute`` as GitHub-flavoured Markdown tables, ready to paste into a paper.
 
 Every table states its rule underneath (what a cost counts, which evaluation a fraction reads, how the target was
-chosen), so a table copied out of the report still says what it measures.
-
-One renderer per report section, in report order; the module runs past 350 lines because each section carries
-its own stated rule, and keeping them together keeps the report's layout and wording in one place.
+chosen), so a table copied out of the report still says what it measures. One renderer per section, in order.
 """
 
 from __future__ import annotations
@@ -46,9 +43,7 @@ SETTINGS = (
     "warmstart.steps",
 )
 UNIT_TITLES = {"samples": "Samples", "tokens": "Tokens", "updates": "Updates", "wall_s": "Wall (s)"}
-# The alloc/* columns of the E-step table: title and cell format (a percentage, or a ratio with 3 decimals); the
-# sentence under the table that says what a column is comes from dibs.core.tags.
-ALLOC_COLUMNS = {
+ALLOC_COLUMNS = {  # the E-step table's alloc/* columns: title, cell format (what each is: dibs.core.tags)
     "alloc/zero_frac": ("Zero-sample prompts (%)", "pct"),
     "alloc/gini": ("Gini", ".3f"),
     "alloc/variance_vs_uniform": ("Variance vs uniform", ".3f"),
