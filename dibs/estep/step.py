@@ -255,16 +255,20 @@ class EStep:
         (pilot_samples, pilot_tokens_local), (other_samples, other_tokens_local) = drawn(True), drawn(False)
         tokens = self.dist.sum(np.array([pilot_tokens_local, other_tokens_local], dtype=np.float64))
         samples = counts["samples"]
+
+        def per(value: float) -> float:  # a strategy may keep nothing (every group dropped)
+            return value / samples if samples else float("nan")
+
         metrics = {
             "rollout/samples": samples,
             "rollout/tokens": counts["tokens"],
-            "rollout/accept_rate": counts["accepted"] / samples,
-            "rollout/truncated_frac": counts["truncated"] / samples,
-            "rollout/mean_response_tokens": counts["tokens"] / samples,
+            "rollout/accept_rate": per(counts["accepted"]),
+            "rollout/truncated_frac": per(counts["truncated"]),
+            "rollout/mean_response_tokens": per(counts["tokens"]),
             "rollout/train_samples": counts["train"],  # what the M-step trains on (keep_rejected, filter_equal_groups)
             "rollout/equal_reward_groups": counts["equal_groups"],  # prompts whose >= 2 samples got one reward
             "rollout/equal_reward_samples": counts["equal_samples"],
-            "rollout/equal_reward_frac": counts["equal_samples"] / samples,  # the budget spent where GRPO's A = 0
+            "rollout/equal_reward_frac": per(counts["equal_samples"]),  # the kept samples where GRPO's A = 0
             "rollout/generated_samples": pilot_samples + other_samples,  # everything generated, pilot included
             "rollout/generated_tokens": int(tokens.sum()),
             "pilot/samples": pilot_samples,

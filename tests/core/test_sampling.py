@@ -9,14 +9,31 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from dibs.core.sampling import GVM, RoundTally, Uniform, UntilSolved, fit_to_budget
+from dibs.core.sampling import (
+    GVM,
+    DynamicSampling,
+    Knapsack,
+    PilotCommit,
+    RoundTally,
+    Uniform,
+    UntilSolved,
+    fit_to_budget,
+)
+from dibs.core.sampling.knapsack import knapsack_allocate, knapsack_value
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "allocation"
 
 
 def build(name, **overrides):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
-    cls = {"gvm": GVM, "uniform": Uniform, "until_solved": UntilSolved}[name]
+    cls = {
+        "gvm": GVM,
+        "uniform": Uniform,
+        "until_solved": UntilSolved,
+        "knapsack": Knapsack,
+        "pilot_commit": PilotCommit,
+        "dynamic_sampling": DynamicSampling,
+    }[name]
     return cls(**{**{k: v for k, v in cfg.items() if k != "_target_"}, **overrides})
 
 
@@ -116,3 +133,77 @@ def test_fit_to_budget_stays_within_the_request_and_the_budget(counts, remaining
     if trimmed.any():  # trimmed from the top: the trimmed prompts end level (within 1), no untrimmed one above them
         assert out[trimmed].max() - out[trimmed].min() <= 1
         assert (counts[~trimmed] <= out[trimmed].max() + 1).all()  # e.g. [3, 3] to 5: [3, 2]
+
+
+# ---------------------------------------------------------------- the competitors' worked examples
+
+
+def test_knapsack_worked_examples():
+    # p = (.5, .25, 0, 1), B = 16: base 2 each, R = 8; need 3 + 8 = 11 >= 8, no fallback; the 8 largest marginal
+    # gains give the p = .5 prompt 3 extra and the p = .25 prompt 5 extra
+    p, valid = np.array([0.5, 0.25, 0.0, 1.0]), np.ones(4, dtype=bool)
+    for faithful in (False, True):
+        options = dict(n_low=2, n_max=128, code_faithful=faithful)
+        assert knapsack_allocate(p, valid, 16, n=4, **options).tolist() == [5, 7, 2, 2]
+        # p = (.5, .5, 0, 1), B = 32: R = 24, need 3 + 3 = 6, the surplus 18 to the unsolved prompt, 3 + 3 extra
+        assert knapsack_allocate(np.array([0.5, 0.5, 0.0, 1.0]), valid, 32, n=8, **options).tolist() == [5, 5, 20, 2]
+    assert knapsack_value(5, 0.5) + knapsack_value(7, 0.25) == pytest.approx(0.239033, abs=1e-6)
+    # not valid yet: n each; nothing effective and nothing unsolved: uniform
+    assert knapsack_allocate(p, np.zeros(4, dtype=bool), 16, n=4, n_low=2, n_max=128, code_faithful=False).tolist() == [
+        4,
+        4,
+        4,
+        4,
+    ]
+    assert knapsack_allocate(np.ones(3), np.ones(3, bool), 12, n=4, n_low=2, n_max=128, code_faithful=False).sum() == 12
+
+
+def test_knapsack_strategy_estimates_from_earlier_visits():
+    s = build("knapsack", n_per_prompt=4, min_history=8, window=16)
+    assert s.begin(0, np.array([1, 2])).counts.tolist() == [4, 4]  # first visits: uniform
+    s.next(tally([4, 4], [2, 0]))
+    assert s.estimate(1) == (0.0, False)  # 4 < min_history samples so far
+    s.begin(1, np.array([1, 2]))
+    s.next(tally([4, 4], [1, 0]))
+    assert s.estimate(1) == (pytest.approx(3 / 8), True) and s.estimate(2) == (0.0, True)
+    s.visits[3] = [(20, 5), (10, 10)]  # the last visit drew 10 < 16: its 10 and 6 of the earlier one at 5/20
+    assert s.estimate(3) == (pytest.approx((10 + 6 * 0.25) / 16), True)
+    counts = s.begin(2, np.array([1, 2])).counts
+    assert counts.sum() == 8 and counts[0] > counts[1] == 2  # the unsolved prompt keeps the base only
+    other = build("knapsack")
+    other.load_state_dict(s.state_dict())
+    assert other.visits == s.visits
+
+
+def test_pilot_commit_worked_example():
+    # M = 4, n_p = 4, B = 32; pilot 2/4, 4/4, 0/4, 1/4: A (.5) and D (.25) pass, B is evicted, C deferred
+    s = build("pilot_commit", n_per_prompt=8, pilot_samples=4)
+    assert s.begin(0, np.array([10, 11, 12, 13])).counts.tolist() == [4, 4, 4, 4]
+    commit = s.next(tally([4, 4, 4, 4], [2, 4, 0, 1]))
+    assert commit.counts.tolist() == [8, 0, 0, 8]  # (32 - 16) / 2 each: N = (12, 4, 4, 12)
+    assert [m.tolist() for m in s.keep(0, [np.ones(4), np.ones(8)])] == [[True] * 4, [True] * 8]
+    assert [m.tolist() for m in s.keep(1, [np.ones(4), np.ones(0)])] == [[False] * 4, []]
+    assert s.next(tally([8, 0, 0, 8], [4, 0, 0, 2])) is None
+    assert s.begin(1, np.array([11, 14])).counts.tolist() == [0, 4]  # the evicted prompt gets no pilot
+    # an odd remainder goes to the highest p(1 - p); nothing passing: spread over every prompt, everything trains
+    s = build("pilot_commit", n_per_prompt=4, pilot_samples=2)
+    s.begin(0, np.arange(3))
+    assert s.next(tally([2, 2, 2], [0, 2, 0])).counts.tolist() == [2, 2, 2]
+    assert [m.tolist() for m in s.keep(2, [np.ones(2), np.ones(2)])] == [[True, True], [True, True]]
+
+
+def test_dynamic_sampling_worked_example():
+    # batches of 4, 3 groups to keep, n = 4: batch 1 keeps P2 and P4 (1111 and 0000 dropped), batch 2 keeps P5
+    # and P7 but only P5 is needed: train on P2, P4, P5; 32 generated, 12 trained
+    s = build("dynamic_sampling", n_per_prompt=4, batch_prompts=4, train_prompts=3)
+    first = s.begin(0, np.arange(12))
+    assert first.counts.tolist() == [4] * 4 + [0] * 8
+    second = s.next(tally([4] * 4 + [0] * 8, [4, 1, 0, 3] + [0] * 8))
+    assert second.counts.tolist() == [0] * 4 + [4] * 4 + [0] * 4
+    assert s.next(tally([0] * 4 + [4] * 4 + [0] * 4, [0] * 4 + [2, 4, 1, 0] + [0] * 4)) is None
+    trained = [j for j in range(12) if s.keep(j, [np.ones(4)])[0].all()]
+    assert trained == [1, 3, 4]
+    # out of prompts: the groups kept so far train
+    s.begin(0, np.arange(4))
+    assert s.next(tally([4] * 4, [4, 1, 0, 0])) is None
+    assert [j for j in range(4) if s.keep(j, [np.ones(4)])[0].all()] == [1]

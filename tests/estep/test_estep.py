@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dibs.core.losses import ALGORITHMS
@@ -222,3 +223,16 @@ class Stuck(Greedy):
 def test_a_strategy_that_asks_for_nothing_twice_is_stopped(tiny_model, tokenizer, prompts):
     with pytest.raises(RuntimeError, match="Stuck asked for no sample twice in a row"):
         e_step(Stuck(), tiny_model, tokenizer).run(0, prompts)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
+def test_every_shipped_strategy_runs_two_e_steps_within_its_samples(name, tiny_model, tokenizer, prompts):
+    strategy = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+    step = e_step(strategy, tiny_model, tokenizer)
+    for iteration in (0, 1):  # the second meets the same prompts: strategies with memory use it
+        result = step.run(iteration, prompts)
+        generated = result.metrics["rollout/generated_samples"]
+        assert 0 < generated <= strategy.max_samples(6)
+        assert generated == sum(int(r.counts.sum()) for r in result.rounds)
+        assert result.metrics["rollout/samples"] == len(result.samples) <= generated
+        assert result.metrics["pilot/samples"] + result.metrics["stage2/samples"] == generated

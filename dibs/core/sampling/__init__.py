@@ -1,12 +1,17 @@
 """Sampling strategies: how an E-step spreads its samples over the iteration's prompts, round by round."""
 
 from dibs.core.sampling.base import GradSettings, Request, RoundTally, Strategy, fit_to_budget, keep_all
+from dibs.core.sampling.filtering import DynamicSampling, PilotCommit
 from dibs.core.sampling.gvm import GVM
+from dibs.core.sampling.knapsack import Knapsack
 from dibs.core.sampling.uniform import Uniform, UntilSolved
 
 __all__ = [
     "GVM",
+    "DynamicSampling",
     "GradSettings",
+    "Knapsack",
+    "PilotCommit",
     "Request",
     "RoundTally",
     "Strategy",
