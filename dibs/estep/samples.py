@@ -45,13 +45,18 @@ def build_trajectories(
     samples: Sequence[tuple[int, Sequence[int], Completion]],
     rewards: np.ndarray,
     advantages: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    baseline: dict[int, float] | None = None,
 ) -> tuple[list[Trajectory], list[bool]]:
-    """One trajectory per (train-pool index, prompt ids, completion), with its group's advantage (the algorithm's
-    rule, ``dibs.core.losses.ALGORITHMS``) and the sampler's log-probs as old ones; and, per sample, whether its
-    group (≥ 2 samples) has all-equal rewards (A = 0 for GRPO and Dr.GRPO)."""
+    """One trajectory per (train-pool index, prompt ids, completion), with its group's advantage and the sampler's
+    log-probs as old ones; and, per sample, whether its group (≥ 2 samples) has all-equal rewards (A = 0 for GRPO
+    and Dr.GRPO). The advantage is the algorithm's rule (``dibs.core.losses.ALGORITHMS``), or r − ``baseline`` of
+    the sample's prompt when the strategy gives one (Reinforce-Ada's mean over everything drawn for the prompt)."""
     reward = torch.as_tensor(rewards, dtype=torch.float32)  # [S]
     group = torch.tensor([i for i, _, _ in samples], dtype=torch.long)  # [S]
-    advantage = advantages(reward, group).tolist()
+    if baseline is None:
+        advantage = advantages(reward, group).tolist()
+    else:
+        advantage = (reward - torch.tensor([baseline[i] for i, _, _ in samples], dtype=torch.float32)).tolist()
     equal = equal_reward_groups(reward, group).tolist()
     trajectories = [
         Trajectory(torch.as_tensor(ids), c.token_ids, c.logprobs, a, float(r), i, c.logprobs)

@@ -63,11 +63,17 @@ class EStepResult:
     estimates: PromptStats | None = None
 
 
-def check_keep_rejected(algorithm: Algorithm, keep_rejected: bool) -> None:
+def check_keep_rejected(algorithm: Algorithm, keep_rejected: bool, strategy: Strategy | None = None) -> None:
+    """Settings the E-step cannot run with, refused before any work."""
     if algorithm.needs_rejected and not keep_rejected:
         raise ValueError(
             f"algo.keep_rejected=false with algo.loss={algorithm.name}: its negative advantages live on the "
             "rejected samples, so they are always kept; set algo.keep_rejected=true"
+        )
+    if strategy is not None and strategy.pool_baseline and not (algorithm.needs_rejected and keep_rejected):
+        raise ValueError(
+            f"allocation={type(strategy).__name__} sets advantages r - (the mean of everything drawn), negative on "
+            f"rejected samples: it needs algo=grpo or drgrpo (not {algorithm.name}) and algo.keep_rejected=true"
         )
 
 
@@ -87,7 +93,7 @@ class EStep:
         grad_norms: GradNormMeter | None = None,
         scorer: Scorer | None = None,
     ) -> None:
-        check_keep_rejected(algorithm, keep_rejected)
+        check_keep_rejected(algorithm, keep_rejected, strategy)
         self.generator, self.verifier, self.strategy = generator, verifier, strategy
         self.algorithm, self.sampling, self.seed, self.dist = algorithm, sampling, seed, dist
         self.keep_rejected, self.filter_equal_groups = keep_rejected, filter_equal_groups
@@ -136,8 +142,11 @@ class EStep:
         rewards = np.asarray([rw for group in kept for _, rw, _ in group], dtype=np.float32)
         statuses = tuple(st for group in kept for _, _, st in group)
         ids_of = dict(zip(prompts.pool[d.rank :: d.world].tolist(), prompts.token_ids))
+        baseline = None
+        if strategy.pool_baseline:  # the pool's mean per prompt, by train-pool index
+            baseline = dict(zip(prompts.pool.tolist(), strategy.baselines().tolist()))
         trajectories, equal = build_trajectories(
-            [(i, ids_of[i], c) for i, c in samples], rewards, self.algorithm.advantages
+            [(i, ids_of[i], c) for i, c in samples], rewards, self.algorithm.advantages, baseline
         )
         training, train_counts = select_training(
             trajectories, equal, keep_rejected=self.keep_rejected, filter_equal_groups=self.filter_equal_groups

@@ -66,7 +66,7 @@ class RolloutCallback(L.Callback):
                 "the generator's log-prob self-check compares its log-probs with the trainer's, which only "
                 "algo.recompute_old_logprobs=true computes: set it (the default of every algo)"
             )
-        check_keep_rejected(algorithm, keep_rejected)  # before any work, not when the fit starts
+        check_keep_rejected(algorithm, keep_rejected, strategy)  # before any work, not when the fit starts
         self.generator, self.verifier, self.strategy, self.tokenizer = generator, verifier, strategy, tokenizer
         self.algorithm, self.sampling, self.seed = algorithm, sampling, seed
         self.e_step_options = dict(keep_rejected=keep_rejected, filter_equal_groups=filter_equal_groups)

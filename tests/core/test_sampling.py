@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -14,6 +15,7 @@ from dibs.core.sampling import (
     DynamicSampling,
     Knapsack,
     PilotCommit,
+    ReinforceAda,
     RoundTally,
     Uniform,
     UntilSolved,
@@ -33,6 +35,7 @@ def build(name, **overrides):
         "knapsack": Knapsack,
         "pilot_commit": PilotCommit,
         "dynamic_sampling": DynamicSampling,
+        "reinforce_ada": ReinforceAda,
     }[name]
     return cls(**{**{k: v for k, v in cfg.items() if k != "_target_"}, **overrides})
 
@@ -207,3 +210,44 @@ def test_dynamic_sampling_worked_example():
     s.begin(0, np.arange(4))
     assert s.next(tally([4] * 4, [4, 1, 0, 0])) is None
     assert [j for j in range(4) if s.keep(j, [np.ones(4)])[0].all()] == [1]
+
+
+def test_reinforce_ada_worked_example():
+    # accepted per round of 8: A 3; B 8, 7, 8, 6; C 1, 1, 0, 0; D 0, 0, 0, 0 (n = 4, M = 8, R = 4)
+    s = build("reinforce_ada", group_size=4, round_samples=8, max_rounds=4, exit="balance")
+    drawn = s.begin(0, np.arange(4)).counts
+    generated = [int(drawn.sum())]
+    for hits in ([3, 8, 1, 0], [0, 7, 1, 0], [0, 8, 0, 0], [0, 6, 0, 0]):
+        request = s.next(tally(drawn, np.minimum(hits, drawn)))
+        if request is None:
+            break
+        drawn = request.counts
+        generated.append(int(drawn.sum()))
+    assert generated == [32, 24, 16, 16]  # 88 in all: A leaves after round 1, C after 2, B after 4, D never
+    assert s.baselines().tolist() == pytest.approx([0.375, 29 / 32, 2 / 16, 0.0])
+    # the balanced group: the first 2 accepted and first 2 rejected (D: 4 rejected)
+    b_rounds = [np.r_[np.ones(8)], np.r_[np.ones(7), 0.0], np.ones(8), np.r_[np.ones(6), 0.0, 0.0]]
+    kept = np.concatenate(s.keep(1, b_rounds))
+    assert kept.sum() == 4 and np.flatnonzero(kept).tolist() == [0, 1, 15, 30]
+    assert np.concatenate(s.keep(3, [np.zeros(8)] * 4)).sum() == 4
+    # the positive exit: B leaves after round 1 with 1111, C with 1000
+    p = build("reinforce_ada", exit="positive")
+    p.begin(0, np.arange(4))
+    assert p.next(tally([8, 8, 8, 8], [3, 8, 1, 0])).counts.tolist() == [0, 0, 0, 8]
+    assert p.keep(2, [np.r_[1.0, np.zeros(7)]])[0].astype(int).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert p.keep(1, [np.ones(8)])[0].sum() == 4
+
+
+def test_a_pool_baseline_sets_the_advantages_and_needs_grpo():
+    from dibs.core.losses import ALGORITHMS
+    from dibs.estep.samples import build_trajectories
+    from dibs.estep.step import check_keep_rejected
+    from dibs.rollout.base import Completion
+
+    done = Completion(torch.tensor([5]), torch.tensor([-1.0]), "x", "stop")
+    samples = [(7, [1], done), (7, [1], done), (9, [2], done)]
+    out, _ = build_trajectories(samples, np.array([1.0, 0.0, 1.0]), ALGORITHMS["grpo"].advantages, {7: 29 / 32, 9: 1.0})
+    assert [t.advantage for t in out] == pytest.approx([3 / 32, -29 / 32, 0.0])
+    with pytest.raises(ValueError, match="needs algo=grpo or drgrpo"):
+        check_keep_rejected(ALGORITHMS["raftpp"], True, build("reinforce_ada"))
+    check_keep_rejected(ALGORITHMS["drgrpo"], True, build("reinforce_ada"))

@@ -176,6 +176,7 @@ class Greedy:
     rows_per_prompt: int = 1
     grad: None = None
     training_grad_norms: int = 0
+    pool_baseline: bool = False
     rounds: list = field(default_factory=list)
 
     def max_samples(self, num_prompts):
@@ -228,7 +229,8 @@ def test_a_strategy_that_asks_for_nothing_twice_is_stopped(tiny_model, tokenizer
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
 def test_every_shipped_strategy_runs_two_e_steps_within_its_samples(name, tiny_model, tokenizer, prompts):
     strategy = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
-    step = e_step(strategy, tiny_model, tokenizer)
+    algorithm = ALGORITHMS["grpo" if strategy.pool_baseline else "raftpp"]  # a pool baseline needs GRPO's loss
+    step = e_step(strategy, tiny_model, tokenizer, algorithm=algorithm)
     for iteration in (0, 1):  # the second meets the same prompts: strategies with memory use it
         result = step.run(iteration, prompts)
         generated = result.metrics["rollout/generated_samples"]

@@ -1,5 +1,6 @@
 """Sampling strategies: how an E-step spreads its samples over the iteration's prompts, round by round."""
 
+from dibs.core.sampling.adaptive import ReinforceAda
 from dibs.core.sampling.base import GradSettings, Request, RoundTally, Strategy, fit_to_budget, keep_all
 from dibs.core.sampling.filtering import DynamicSampling, PilotCommit
 from dibs.core.sampling.gvm import GVM
@@ -12,6 +13,7 @@ __all__ = [
     "GradSettings",
     "Knapsack",
     "PilotCommit",
+    "ReinforceAda",
     "Request",
     "RoundTally",
     "Strategy",

@@ -75,6 +75,7 @@ class Strategy(Protocol):
     rows_per_prompt: int  # rows per prompt of a mini-batch under update_accounting=reference (verl's rollout.n)
     grad: GradSettings | None  # how G_i is measured when a request asks for it (None: never asked)
     training_grad_norms: int  # G_i over up to this many accepted training samples per prompt (0: not asked)
+    pool_baseline: bool  # advantages are r − baselines()[prompt] (the mean of everything drawn), not the algo's
 
     def max_samples(self, num_prompts: int) -> int:
         """The most samples an iteration of ``num_prompts`` prompts generates (every round, pilots included)."""
@@ -91,6 +92,10 @@ class Strategy(Protocol):
     def keep(self, prompt: int, rewards: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Which samples of prompt ``prompt`` (its position in the iteration) train: a bool mask per round,
         given the rewards of its samples in each round. Local to the rank that holds the prompt."""
+        ...
+
+    def baselines(self) -> np.ndarray:
+        """[P] per prompt, the baseline of ``pool_baseline`` strategies (asked after the rounds)."""
         ...
 
     def observe_training(self, tally: RoundTally) -> None:

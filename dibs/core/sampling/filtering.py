@@ -40,6 +40,7 @@ class PilotCommit:
     evict: bool
     grad: GradSettings | None = field(default=None, init=False)
     training_grad_norms: int = field(default=0, init=False)
+    pool_baseline: bool = field(default=False, init=False)
     rows_per_prompt: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +103,7 @@ class DynamicSampling:
     train_prompts: int
     grad: GradSettings | None = field(default=None, init=False)
     training_grad_norms: int = field(default=0, init=False)
+    pool_baseline: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if min(self.n_per_prompt, self.batch_prompts, self.train_prompts) < 1:

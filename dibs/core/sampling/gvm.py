@@ -52,6 +52,7 @@ class GVM:
     refresh_every: int
     online: bool
     rows_per_prompt: int = field(default=1, init=False)  # the reference expands each of n_i samples to a row
+    pool_baseline: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 1 or self.pilot_samples < 1:

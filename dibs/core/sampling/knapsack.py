@@ -125,6 +125,7 @@ class Knapsack:
     code_faithful: bool  # the reference code's "no extra sample scores 0" quirk
     grad: GradSettings | None = field(default=None, init=False)
     training_grad_norms: int = field(default=0, init=False)
+    pool_baseline: bool = field(default=False, init=False)
     rows_per_prompt: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ class Uniform:
     n_per_prompt: int
     grad: GradSettings | None = field(default=None, init=False)
     training_grad_norms: int = field(default=0, init=False)
+    pool_baseline: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 1:
@@ -60,6 +61,7 @@ class UntilSolved:
     max_per_prompt: int
     grad: GradSettings | None = field(default=None, init=False)
     training_grad_norms: int = field(default=0, init=False)
+    pool_baseline: bool = field(default=False, init=False)
     rows_per_prompt: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
