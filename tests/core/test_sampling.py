@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from dibs.core.sampling import (
     GVM,
     DynamicSampling,
+    Greso,
     Knapsack,
     PilotCommit,
     ReinforceAda,
@@ -22,12 +23,14 @@ from dibs.core.sampling import (
     fit_to_budget,
 )
 from dibs.core.sampling.knapsack import knapsack_allocate, knapsack_value
+from dibs.core.sampling.skipping import skip_probability
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "allocation"
 
 
 def build(name, **overrides):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    cfg = {k: 0 if v == "${seed}" else v for k, v in cfg.items()}  # the run's seed, outside a run
     cls = {
         "gvm": GVM,
         "uniform": Uniform,
@@ -36,6 +39,7 @@ def build(name, **overrides):
         "pilot_commit": PilotCommit,
         "dynamic_sampling": DynamicSampling,
         "reinforce_ada": ReinforceAda,
+        "greso": Greso,
     }[name]
     return cls(**{**{k: v for k, v in cfg.items() if k != "_target_"}, **overrides})
 
@@ -251,3 +255,35 @@ def test_a_pool_baseline_sets_the_advantages_and_needs_grpo():
     with pytest.raises(ValueError, match="needs algo=grpo or drgrpo"):
         check_keep_rejected(ALGORITHMS["raftpp"], True, build("reinforce_ada"))
     check_keep_rejected(ALGORITHMS["drgrpo"], True, build("reinforce_ada"))
+
+
+def test_greso_worked_example():
+    assert skip_probability(["mixed"], 0.5, 0.5) == 0.0  # A: no trailing run
+    assert skip_probability(["mixed", "easy", "easy"], 0.5, 0.5) == 0.75  # B: z_e = 2
+    assert skip_probability(["mixed", "hard", "hard", "hard"], 0.5, 0.5) == 0.875  # C: z_h = 3
+    assert skip_probability(["easy", "hard"], 0.5, 0.5) == 0.5  # D: the last entry decides
+    assert skip_probability(["easy"] * 7, 0.5, 0.5) == pytest.approx(0.99)  # the 0.01 floor
+    assert skip_probability([], 0.5, 0.5) == 0.0  # new prompts are never skipped
+    # self-tuning: 40 of 400 groups all accepted (.10 >= .0833: p_easy down), 60 all rejected (.15 < .1667: up)
+    s = build("greso", alpha=0.25, step=0.01, seed=0)
+    s._iteration, s._counts = 1, {"easy": 40, "hard": 60, "groups": 400}
+    s._tune()
+    assert (s.p_easy, s.p_hard) == (pytest.approx(0.49), pytest.approx(0.51))
+
+
+def test_greso_fills_the_batch_in_rounds_and_skips_predictable_prompts():
+    s = build("greso", n_per_prompt=4, batch_prompts=4, min_batch=2, train_prompts=3, seed=0)
+    first = s.begin(0, np.arange(10, 20))  # new prompts: none skipped
+    assert first.counts.tolist() == [4] * 4 + [0] * 6
+    # 1 mixed of 4 (ζ = .75): est = ⌊1.25 · 2 / .25⌋ = 10, capped at batch_prompts = 4
+    second = s.next(tally([4] * 4 + [0] * 6, [4, 2, 0, 4] + [0] * 6))
+    assert second.counts.tolist() == [0] * 4 + [4] * 4 + [0] * 2
+    assert s.next(tally([0] * 4 + [4] * 4 + [0] * 2, [0] * 4 + [1, 3, 2, 0] + [0] * 2)) is None
+    assert [j for j in range(10) if s.keep(j, [np.ones(4)])[0].all()] == [1, 4, 5]  # the first 3 mixed groups
+    assert s.history[10] == ["easy"] and s.history[12] == ["hard"] and 18 not in s.history
+    # prompts all accepted many times are skipped (almost always); fresh ones never
+    s.history.update({i: ["easy"] * 7 for i in range(10, 20)})
+    assert s.begin(1, np.arange(10, 30)).counts[:10].sum() <= 4 * 2
+    other = build("greso")
+    other.load_state_dict(s.state_dict())
+    assert other.history == s.history and other.p_easy == s.p_easy

@@ -228,7 +228,9 @@ def test_a_strategy_that_asks_for_nothing_twice_is_stopped(tiny_model, tokenizer
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
 def test_every_shipped_strategy_runs_two_e_steps_within_its_samples(name, tiny_model, tokenizer, prompts):
-    strategy = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+    strategy = instantiate(
+        OmegaConf.create({"seed": 0, "allocation": OmegaConf.load(CONF / f"{name}.yaml")}).allocation
+    )
     algorithm = ALGORITHMS["grpo" if strategy.pool_baseline else "raftpp"]  # a pool baseline needs GRPO's loss
     step = e_step(strategy, tiny_model, tokenizer, algorithm=algorithm)
     for iteration in (0, 1):  # the second meets the same prompts: strategies with memory use it

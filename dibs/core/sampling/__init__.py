@@ -5,12 +5,14 @@ from dibs.core.sampling.base import GradSettings, Request, RoundTally, Strategy,
 from dibs.core.sampling.filtering import DynamicSampling, PilotCommit
 from dibs.core.sampling.gvm import GVM
 from dibs.core.sampling.knapsack import Knapsack
+from dibs.core.sampling.skipping import Greso
 from dibs.core.sampling.uniform import Uniform, UntilSolved
 
 __all__ = [
     "GVM",
     "DynamicSampling",
     "GradSettings",
+    "Greso",
     "Knapsack",
     "PilotCommit",
     "ReinforceAda",

@@ -81,8 +81,8 @@ class Strategy(Protocol):
         """The most samples an iteration of ``num_prompts`` prompts generates (every round, pilots included)."""
         ...
 
-    def begin(self, iteration: int, pool: np.ndarray) -> Request:
-        """The first round; ``pool`` [P]: the train-pool index of each prompt of the iteration."""
+    def begin(self, iteration: int, pool: np.ndarray) -> Request | None:
+        """The first round (None: nothing to sample); ``pool`` [P]: the train-pool index of each prompt."""
         ...
 
     def next(self, tally: RoundTally) -> Request | None:
