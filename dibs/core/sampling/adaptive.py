@@ -13,7 +13,7 @@ first (the authors' order). A prompt still active after R rounds trains on the s
 A = r − (accepted / drawn) over the prompt's WHOLE pool, not the kept group (``baselines``), and no std division,
 so a kept all-accepted group of a prompt that also failed still carries a gradient.
 
-Choices: samples per iteration are capped at ``budget_per_prompt`` × prompts for equal-cost comparisons (the E-step
+Choices (docs/reference.md, "Competing strategies"): samples per iteration are capped at ``budget_per_prompt`` × prompts for equal-cost comparisons (the E-step
 trims the last round, largest requests first; the authors have no cap); a sample is accepted when its reward is
 above 0.5 (their τ = 0.7 gives the same split on binary rewards); the estimation-based and sequential variants of
 the paper's v3 are not implemented.

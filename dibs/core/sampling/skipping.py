@@ -15,7 +15,7 @@ kept, the next round takes est = ⌊1.25 · (train − kept) / (1 − ζ)⌋ pro
 at least ``min_batch`` and at most ``batch_prompts``, until the prompts run out. The first ``train_prompts`` kept
 groups train.
 
-Choices (docs/method.md): easy and hard are all-accepted and all-rejected groups (the code's hard test assumes its
+Choices (docs/reference.md, "Competing strategies"): easy and hard are all-accepted and all-rejected groups (the code's hard test assumes its
 0.1 reward for a wrong answer, which binary rewards never give); the skip draws come from a generator seeded by
 (seed, iteration, prompt), the same on every rank; the pre-filter's 32-prompt chunks and the trim to a multiple of
 the GPU count are left out (the E-step shards prompts itself).
