@@ -58,6 +58,7 @@ def main(cfg: DictConfig) -> float:
         return finished
     import lightning as L
     import transformers
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from dibs.core.budget import Budget
@@ -65,6 +66,7 @@ def main(cfg: DictConfig) -> float:
     from dibs.data.benchmarks import check_benchmarks
     from dibs.data.pools import describe_shards
     from dibs.data.prompts import PromptTemplate
+    from dibs.estep.step import check_keep_rejected
     from dibs.lit.assemble import build_eval_plan, check_update_accounting, prepare_policy, schedule_horizon
     from dibs.lit.checkpoints import IterationCheckpoint
     from dibs.lit.datamodule import EMDataModule
@@ -80,6 +82,15 @@ def main(cfg: DictConfig) -> float:
         require_vllm()
     budget = Budget.from_config(**plain(cfg.budget))  # a bad budget fails before the warm start
     check_update_accounting(cfg.update_accounting, cfg.algo.lr_schedule)  # as does a schedule it cannot run
+    # the sampling strategy (dibs.core.sampling) and the algorithm, with what they refuse, before the warm start
+    algo = plain(cfg.algo)
+    algorithm = get_algorithm(algo.pop("loss"))  # the one lookup: advantages for the E-step, loss for the M-step
+    e_step = {k: algo.pop(k) for k in ("keep_rejected", "recompute_old_logprobs", "filter_equal_groups")}
+    try:
+        strategy = instantiate(cfg.allocation)
+        check_keep_rejected(algorithm, e_step["keep_rejected"], strategy)
+    except (ValueError, InstantiationException) as error:  # a strategy's own checks, named by key
+        raise SystemExit(f"config error: {error}") from None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     transformers.utils.logging.disable_progress_bar()  # per-save/load bars would drown the run's own
 
@@ -107,10 +118,6 @@ def main(cfg: DictConfig) -> float:
         template=template,
         max_prompt_tokens=cfg.eval.max_prompt_tokens,
     )
-    strategy = instantiate(cfg.allocation)  # the sampling strategy (dibs.core.sampling)
-    algo = plain(cfg.algo)
-    algorithm = get_algorithm(algo.pop("loss"))  # the one lookup: advantages for the E-step, loss for the M-step
-    e_step = {k: algo.pop(k) for k in ("keep_rejected", "recompute_old_logprobs", "filter_equal_groups")}
     rollout = RolloutCallback(
         instantiate(cfg.rollout.generator)(model=policy, tokenizer=tokenizer),
         instantiate(cfg.reward),

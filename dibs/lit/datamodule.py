@@ -170,9 +170,10 @@ class EMDataModule(L.LightningDataModule):
 
     def prompts_for(self, iteration: int, rank: int = 0, world_size: int = 1) -> IterationPrompts:
         """The iteration's prompts for an E-step on this rank."""
-        mine = self.iteration_prompts(iteration, rank, world_size)
+        pool = np.asarray(self.iteration_prompts(iteration), dtype=np.int64)  # drawn once, sliced per rank
+        mine = pool[rank::world_size].tolist()
         return IterationPrompts(
-            pool=np.asarray(self.iteration_prompts(iteration), dtype=np.int64),
+            pool=pool,
             token_ids=[self.train_prompts[i] for i in mine],
             answers=[self.train_problems[i].answer for i in mine],
         )

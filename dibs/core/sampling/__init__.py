@@ -1,7 +1,15 @@
 """Sampling strategies: how an E-step spreads its samples over the iteration's prompts, round by round."""
 
 from dibs.core.sampling.adaptive import ReinforceAda
-from dibs.core.sampling.base import GradSettings, Request, RoundTally, Strategy, fit_to_budget, keep_all
+from dibs.core.sampling.base import (
+    GradSettings,
+    Request,
+    RoundTally,
+    Strategy,
+    StrategyBase,
+    fit_to_budget,
+    keep_all,
+)
 from dibs.core.sampling.filtering import DynamicSampling, PilotCommit
 from dibs.core.sampling.gvm import GVM
 from dibs.core.sampling.knapsack import Knapsack
@@ -19,6 +27,7 @@ __all__ = [
     "Request",
     "RoundTally",
     "Strategy",
+    "StrategyBase",
     "Uniform",
     "UntilSolved",
     "fit_to_budget",

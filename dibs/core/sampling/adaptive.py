@@ -13,20 +13,20 @@ first (the authors' order). A prompt still active after R rounds trains on the s
 A = r − (accepted / drawn) over the prompt's WHOLE pool, not the kept group (``baselines``), and no std division,
 so a kept all-accepted group of a prompt that also failed still carries a gradient.
 
-Choices (docs/reference.md, "Competing strategies"): samples per iteration are capped at ``budget_per_prompt`` × prompts for equal-cost comparisons (the E-step
-trims the last round, largest requests first; the authors have no cap); a sample is accepted when its reward is
-above 0.5 (their τ = 0.7 gives the same split on binary rewards); the estimation-based and sequential variants of
-the paper's v3 are not implemented.
+Choices (docs/reference.md, "Competing strategies"): samples per iteration are capped at ``budget_per_prompt`` ×
+prompts for equal-cost comparisons (the E-step trims the last round, largest requests first; the authors have no
+cap); a sample is accepted when its reward is above 0.5 (their τ = 0.7 gives the same split on binary rewards); the
+estimation-based and sequential variants of the paper's v3 are not implemented.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-from dibs.core.sampling.base import ACCEPT, GradSettings, Request, RoundTally
+from dibs.core.sampling.base import ACCEPT, Request, RoundTally, StrategyBase
 
 __all__ = ["ReinforceAda", "balanced_pick"]
 
@@ -52,7 +52,7 @@ def balanced_pick(rewards: np.ndarray, group_size: int) -> np.ndarray:
 
 
 @dataclass
-class ReinforceAda:
+class ReinforceAda(StrategyBase):
     """Rounds until each prompt's exit rule holds; a balanced group of ``group_size`` trains, with the pool's mean
     as baseline. Every setting comes from ``conf/allocation/reinforce_ada.yaml``."""
 
@@ -61,10 +61,7 @@ class ReinforceAda:
     max_rounds: int  # R
     exit: str  # balance | positive
     budget_per_prompt: int  # the iteration's cap, per prompt (R x M: no cap)
-    grad: GradSettings | None = field(default=None, init=False)
-    training_grad_norms: int = field(default=0, init=False)
-    rows_per_prompt: int = field(default=1, init=False)
-    pool_baseline: bool = field(default=True, init=False)
+    pool_baseline = True  # advantages r − the pool's mean (``baselines``); a class attribute, not a setting
 
     def __post_init__(self) -> None:
         if min(self.group_size, self.round_samples, self.max_rounds, self.budget_per_prompt) < 1:
@@ -110,12 +107,3 @@ class ReinforceAda:
     def baselines(self) -> np.ndarray | None:
         """[P] each prompt's accepted fraction over everything drawn for it this iteration."""
         return np.divide(self._hits, self._drawn, out=np.zeros(len(self._drawn)), where=self._drawn > 0)
-
-    def observe_training(self, tally: RoundTally) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

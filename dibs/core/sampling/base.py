@@ -25,7 +25,7 @@ import numpy as np
 
 from dibs.core.gvm import Allocation, PromptStats
 
-__all__ = ["GradSettings", "Request", "RoundTally", "Strategy", "fit_to_budget", "keep_all"]
+__all__ = ["GradSettings", "Request", "RoundTally", "Strategy", "StrategyBase", "fit_to_budget", "keep_all"]
 
 ACCEPT = 0.5  # a sample is accepted (a "hit") when its reward is above this
 
@@ -109,6 +109,31 @@ class Strategy(Protocol):
 
 def keep_all(rewards: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.ones(len(r), dtype=bool) for r in rewards]
+
+
+class StrategyBase:
+    """What most strategies share: no gradient norms, no pool baseline, one row per sample, every sample trains,
+    nothing observed after the rounds and nothing kept across iterations. A strategy overrides what it does."""
+
+    grad: GradSettings | None = None
+    training_grad_norms: int = 0
+    pool_baseline: bool = False
+    rows_per_prompt: int = 1
+
+    def keep(self, prompt: int, rewards: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return keep_all(rewards)
+
+    def baselines(self) -> np.ndarray:
+        raise RuntimeError(f"{type(self).__name__} sets no pool baseline (pool_baseline is false)")
+
+    def observe_training(self, tally: RoundTally) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def fit_to_budget(counts: np.ndarray, remaining: int) -> np.ndarray:

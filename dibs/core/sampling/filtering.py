@@ -19,18 +19,18 @@ kept groups train (in prompt order), surplus ones are dropped. Out of prompts, t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from dibs.core.sampling.base import GradSettings, Request, RoundTally, keep_all
+from dibs.core.sampling.base import Request, RoundTally, StrategyBase, keep_all
 
 __all__ = ["DynamicSampling", "PilotCommit"]
 
 
 @dataclass
-class PilotCommit:
+class PilotCommit(StrategyBase):
     """Pilot every prompt, commit the rest of the budget to the prompts whose pilot rate is in the band."""
 
     n_per_prompt: int
@@ -38,10 +38,6 @@ class PilotCommit:
     pass_low: float
     pass_high: float
     evict: bool
-    grad: GradSettings | None = field(default=None, init=False)
-    training_grad_norms: int = field(default=0, init=False)
-    pool_baseline: bool = field(default=False, init=False)
-    rows_per_prompt: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.pilot_samples <= self.n_per_prompt:
@@ -84,9 +80,6 @@ class PilotCommit:
             return keep_all(rewards)
         return [np.zeros(len(r), dtype=bool) for r in rewards]
 
-    def observe_training(self, tally: RoundTally) -> None:
-        pass
-
     def state_dict(self) -> dict[str, Any]:
         return {"evicted": sorted(self.evicted)}
 
@@ -95,15 +88,12 @@ class PilotCommit:
 
 
 @dataclass
-class DynamicSampling:
+class DynamicSampling(StrategyBase):
     """DAPO's dynamic sampling: batches of prompts until ``train_prompts`` groups with unequal rewards are kept."""
 
     n_per_prompt: int
     batch_prompts: int
     train_prompts: int
-    grad: GradSettings | None = field(default=None, init=False)
-    training_grad_norms: int = field(default=0, init=False)
-    pool_baseline: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if min(self.n_per_prompt, self.batch_prompts, self.train_prompts) < 1:
@@ -147,12 +137,3 @@ class DynamicSampling:
 
     def keep(self, prompt: int, rewards: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [np.full(len(r), bool(self._kept[prompt])) for r in rewards]
-
-    def observe_training(self, tally: RoundTally) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

@@ -16,19 +16,19 @@ Estimates are stored per train-pool prompt (identical on every rank) and saved i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from dibs.core.gvm import Allocation, GVMRule, PromptStats, Rounding, gvm_allocate
-from dibs.core.sampling.base import GradSettings, Request, RoundTally
+from dibs.core.sampling.base import GradSettings, Request, RoundTally, StrategyBase
 
 __all__ = ["GVM"]
 
 
 @dataclass
-class GVM:
+class GVM(StrategyBase):
     """GVM in two rounds: a pilot of ``pilot_samples`` per prompt, then N = ``n_per_prompt`` × prompts
     allocated by Proposition 1. Every setting comes from ``conf/allocation/gvm.yaml``."""
 
@@ -51,8 +51,6 @@ class GVM:
     reuse_pilot: bool
     refresh_every: int
     online: bool
-    rows_per_prompt: int = field(default=1, init=False)  # the reference expands each of n_i samples to a row
-    pool_baseline: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 1 or self.pilot_samples < 1:

@@ -28,12 +28,12 @@ Choices where the paper and code leave room (docs/reference.md, "Competing strat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from dibs.core.sampling.base import GradSettings, Request, RoundTally, keep_all
+from dibs.core.sampling.base import Request, RoundTally, StrategyBase
 
 __all__ = ["Knapsack", "knapsack_allocate", "knapsack_value"]
 
@@ -113,7 +113,7 @@ def _uniform(budget: int, count: int) -> np.ndarray:
 
 
 @dataclass
-class Knapsack:
+class Knapsack(StrategyBase):
     """Knapsack-RL as one allocated round per iteration, p̂ from each prompt's earlier visits (the first visit of
     every prompt is uniform). Every setting comes from ``conf/allocation/knapsack.yaml``."""
 
@@ -123,10 +123,6 @@ class Knapsack:
     min_history: int  # samples over its visits before a prompt's p̂ is used
     window: int  # p̂ from the last visit if it drew this many, else from the last this-many samples
     code_faithful: bool  # the reference code's "no extra sample scores 0" quirk
-    grad: GradSettings | None = field(default=None, init=False)
-    training_grad_norms: int = field(default=0, init=False)
-    pool_baseline: bool = field(default=False, init=False)
-    rows_per_prompt: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_low <= self.n_per_prompt <= self.n_max:
@@ -178,12 +174,6 @@ class Knapsack:
                 self.visits.setdefault(int(i), []).append((int(m), int(h)))
                 del self.visits[int(i)][: -max(self.window, self.min_history)]  # older visits are never read
         return None
-
-    def keep(self, prompt: int, rewards: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return keep_all(rewards)
-
-    def observe_training(self, tally: RoundTally) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"index": list(self.visits), "visits": [[list(v) for v in vs] for vs in self.visits.values()]}

@@ -15,20 +15,20 @@ kept, the next round takes est = ⌊1.25 · (train − kept) / (1 − ζ)⌋ pro
 at least ``min_batch`` and at most ``batch_prompts``, until the prompts run out. The first ``train_prompts`` kept
 groups train.
 
-Choices (docs/reference.md, "Competing strategies"): easy and hard are all-accepted and all-rejected groups (the code's hard test assumes its
-0.1 reward for a wrong answer, which binary rewards never give); the skip draws come from a generator seeded by
-(seed, iteration, prompt), the same on every rank; the pre-filter's 32-prompt chunks and the trim to a multiple of
-the GPU count are left out (the E-step shards prompts itself).
+Choices (docs/reference.md, "Competing strategies"): easy and hard are all-accepted and all-rejected groups (the
+code's hard test assumes its 0.1 reward for a wrong answer, which binary rewards never give); the skip draws come
+from a generator seeded by (seed, iteration, prompt), the same on every rank; the pre-filter's 32-prompt chunks and
+the trim to a multiple of the GPU count are left out (the E-step shards prompts itself).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from dibs.core.sampling.base import GradSettings, Request, RoundTally
+from dibs.core.sampling.base import Request, RoundTally, StrategyBase
 
 __all__ = ["Greso", "skip_probability"]
 
@@ -57,7 +57,7 @@ def skip_probability(history: Sequence[str], p_easy: float, p_hard: float) -> fl
 
 
 @dataclass
-class Greso:
+class Greso(StrategyBase):
     """Skip predictable prompts, then fill ``train_prompts`` groups with unequal rewards. Every setting comes from
     ``conf/allocation/greso.yaml``."""
 
@@ -68,9 +68,6 @@ class Greso:
     alpha: float  # the targets of the self-tuning: easy α/3, hard 2α/3
     step: float  # how far p_easy and p_hard move per iteration
     seed: int
-    grad: GradSettings | None = field(default=None, init=False)
-    training_grad_norms: int = field(default=0, init=False)
-    pool_baseline: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if min(self.n_per_prompt, self.batch_prompts, self.min_batch, self.train_prompts) < 1:
@@ -143,9 +140,6 @@ class Greso:
 
     def keep(self, prompt: int, rewards: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [np.full(len(r), bool(self._kept[prompt])) for r in rewards]
-
-    def observe_training(self, tally: RoundTally) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"p": [self.p_easy, self.p_hard], "index": list(self.history), "history": list(self.history.values())}

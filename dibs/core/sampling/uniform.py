@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from dibs.core.sampling.base import GradSettings, Request, RoundTally, keep_all
+from dibs.core.sampling.base import Request, RoundTally, StrategyBase
 
 __all__ = ["Uniform", "UntilSolved"]
 
 
 @dataclass
-class Uniform:
+class Uniform(StrategyBase):
     """n samples for every prompt, in one round: RAFT's best-of-n (and GRPO's group of n)."""
 
     n_per_prompt: int
-    grad: GradSettings | None = field(default=None, init=False)
-    training_grad_norms: int = field(default=0, init=False)
-    pool_baseline: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 1:
@@ -38,31 +34,15 @@ class Uniform:
     def next(self, tally: RoundTally) -> Request | None:
         return None
 
-    def keep(self, prompt: int, rewards: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return keep_all(rewards)
-
-    def observe_training(self, tally: RoundTally) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
 
 @dataclass
-class UntilSolved:
+class UntilSolved(StrategyBase):
     """Rounds of ``per_round`` samples for every prompt not yet solved ``solved_at`` times, each prompt at most
     ``max_per_prompt`` samples: best-of-n that stops early on the prompts it has solved (every sample trains)."""
 
     per_round: int
     solved_at: int
     max_per_prompt: int
-    grad: GradSettings | None = field(default=None, init=False)
-    training_grad_norms: int = field(default=0, init=False)
-    pool_baseline: bool = field(default=False, init=False)
-    rows_per_prompt: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
         if min(self.per_round, self.solved_at, self.max_per_prompt) < 1:
@@ -85,15 +65,3 @@ class UntilSolved:
         open_ = (self._hits < self.solved_at) & (self._drawn < self.max_per_prompt)
         counts = np.where(open_, np.minimum(self.per_round, self.max_per_prompt - self._drawn), 0)
         return Request(counts.astype(np.int64)) if counts.sum() else None
-
-    def keep(self, prompt: int, rewards: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return keep_all(rewards)
-
-    def observe_training(self, tally: RoundTally) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
