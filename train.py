@@ -81,7 +81,7 @@ def main(cfg: DictConfig) -> float:
 
         require_vllm()
     budget = Budget.from_config(**plain(cfg.budget))  # a bad budget fails before the warm start
-    check_update_accounting(cfg.update_accounting, cfg.algo.lr_schedule)  # as does a schedule it cannot run
+    check_update_accounting(cfg.update_accounting, cfg.algo.lr_schedule, budget)  # as does a schedule it cannot run
     # the sampling strategy (dibs.core.sampling) and the algorithm, with what they refuse, before the warm start
     algo = plain(cfg.algo)
     algorithm = get_algorithm(algo.pop("loss"))  # the one lookup: advantages for the E-step, loss for the M-step
@@ -140,6 +140,7 @@ def main(cfg: DictConfig) -> float:
         batch_size=cfg.batch_size,
         updates_per_iteration=cfg.updates_per_iteration,
         update_accounting=cfg.update_accounting,
+        samples_per_update=cfg.samples_per_update,
         rows_per_prompt=strategy.rows_per_prompt,
         max_prompt_tokens=cfg.max_prompt_tokens,
         seed=cfg.seed,
@@ -165,11 +166,19 @@ def main(cfg: DictConfig) -> float:
         len(datamodule.iteration_prompts(0)),
         update_accounting=cfg.update_accounting,
     )
+    total_updates = horizon * cfg.updates_per_iteration
+    if cfg.update_accounting == "per_sample":  # the schedule ends with the sample budget (check_update_accounting)
+        total_updates = budget.amount // cfg.samples_per_update if budget.unit == "samples" else 0
+        log.info(
+            "update_accounting=per_sample: one update per %d generated samples, %s updates in all",
+            cfg.samples_per_update,
+            total_updates or "an open number of",
+        )
     module = EMModule(
         policy,
         algorithm,
         **algo,
-        total_updates=horizon * cfg.updates_per_iteration,
+        total_updates=total_updates,
         activation_checkpointing=cfg.activation_checkpointing,
     )
     # last.ckpt after the first E-step, every iteration (holding the next iteration's rollouts) and every

@@ -200,7 +200,8 @@ class Config(_Open):
     pool_sampling: Literal["random", "shards"]
     batch_size: int = Field(ge=1)
     updates_per_iteration: int = Field(ge=1)
-    update_accounting: Literal["fixed", "reference"]
+    update_accounting: Literal["fixed", "reference", "per_sample"]
+    samples_per_update: int = Field(ge=1)
     max_prompt_tokens: int = Field(ge=1)
     activation_checkpointing: bool
     cache_dir: str

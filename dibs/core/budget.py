@@ -8,8 +8,10 @@ training (pilot included; held-out evaluation excluded, it is measurement):
     tokens   response tokens generated (prompt tokens are not generated)
     updates  optimiser steps taken
 
-The check runs after each iteration's M-step, so a run stops within one iteration of its budget: the
-iteration that crosses the budget still trains on what it generated, none is thrown away.
+The check runs after each iteration's M-step. A sample budget is spent exactly: the E-step that would cross
+it is cut to what is left (its last round trimmed, largest requests first), so runs of a grid generate the same
+number of samples. Token and update budgets stop a run within one iteration: the iteration that crosses the
+budget still trains on what it generated, none is thrown away.
 """
 
 from __future__ import annotations

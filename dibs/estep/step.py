@@ -100,13 +100,16 @@ class EStep:
         self.grad_norms, self.scorer = grad_norms, scorer
         self.wants_head_norms = grad_norms is not None and grad_norms.from_generator
 
-    def run(self, iteration: int, prompts: IterationPrompts) -> EStepResult:
+    def run(self, iteration: int, prompts: IterationPrompts, limit: int | None = None) -> EStepResult:
+        """``limit``: the most samples this E-step may generate (all ranks), below the strategy's own cap; what is
+        left of a sample budget, so a run spends it exactly."""
         d, strategy = self.dist, self.strategy
         num_prompts = len(prompts.pool)
         torch.manual_seed(self.seed * 1_000_003 + iteration * 1_009 + d.rank)
         times = {"generation": 0.0, "verification": 0.0}
         grad_before = self.grad_norms.seconds if self.grad_norms is not None else 0.0
-        cap, drawn, rounds, idle = strategy.max_samples(num_prompts), 0, [], 0
+        cap = strategy.max_samples(num_prompts) if limit is None else min(strategy.max_samples(num_prompts), limit)
+        drawn, rounds, idle = 0, [], 0
         request: Request | None = strategy.begin(iteration, prompts.pool)
         while request is not None:
             counts = fit_to_budget(request.counts, cap - drawn)

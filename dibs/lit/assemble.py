@@ -213,11 +213,18 @@ def _wait_or_load(folder: Path, dtype: torch.dtype, timeout_s: float = 1800.0):
         time.sleep(2.0)
 
 
-def check_update_accounting(update_accounting: str, lr_schedule: str) -> None:
+def check_update_accounting(update_accounting: str, lr_schedule: str, budget: Budget | None = None) -> None:
     """Under ``update_accounting=reference`` the number of updates per iteration follows the samples drawn, so
-    a cosine schedule would have no known end: refused (the paper's schedule is constant)."""
+    a cosine schedule would have no known end: refused (the paper's schedule is constant). Under ``per_sample``
+    the run's updates are ``budget.samples // samples_per_update``: a cosine schedule needs that budget."""
     if update_accounting not in UPDATE_ACCOUNTING:
         raise ValueError(f"update_accounting={update_accounting!r} is not one of {UPDATE_ACCOUNTING}")
+    if update_accounting == "per_sample" and lr_schedule == "cosine" and (budget is None or budget.unit != "samples"):
+        raise ValueError(
+            "update_accounting=per_sample makes one update per samples_per_update generated samples, so "
+            "algo.lr_schedule=cosine ends where the sample budget does: set budget.samples, or "
+            "algo.lr_schedule=constant"
+        )
     if update_accounting == "reference" and lr_schedule == "cosine":
         raise ValueError(
             "update_accounting=reference makes the number of optimiser updates per iteration depend on the "
@@ -241,7 +248,7 @@ def schedule_horizon(
     ``update_accounting=reference`` only a constant schedule runs (``check_update_accounting``), which reads no
     horizon, and the updates an iteration makes are not known beforehand: ``iterations``.
     """
-    if not budget.enabled or update_accounting == "reference":
+    if not budget.enabled or update_accounting != "fixed":
         return iterations
     per_iteration = {
         "samples_per_iteration": strategy.max_samples(prompts),

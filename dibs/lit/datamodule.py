@@ -14,6 +14,11 @@ missing (the first epoch, a resumed run). One batch = one optimiser update. ``up
   samples also makes more updates.
   Every rank runs the same number, ceil(all ranks' samples / (mini-batch × ranks)), each cutting its own
   samples into that many near-equal batches.
+- ``per_sample``: one update of ``batch_size`` sequences per ``samples_per_update`` generated samples (pilots,
+  discarded and refilled samples included), counted cumulatively: an iteration makes
+  ``floor(C_k / K) - floor(C_{k-1} / K)`` updates, C_k the samples generated up to iteration k. Two runs that
+  generate the same samples make the same updates, however differently their strategies spend them per
+  iteration: equal samples and equal updates at once (the allocation arena). An iteration may make none.
 
 A rank left without a sample for a batch (it has none to train on, or fewer than the updates) gets a
 placeholder: one dummy row whose ``row_mask`` and ``response_mask`` are 0, so it runs the forward and backward
@@ -42,7 +47,7 @@ from dibs.lit.dist import gather_per_rank, pick_own
 __all__ = ["UPDATE_ACCOUNTING", "EMDataModule", "RolloutSource", "collate_trajectories"]
 
 
-UPDATE_ACCOUNTING = ("fixed", "reference")
+UPDATE_ACCOUNTING = ("fixed", "reference", "per_sample")
 
 
 class RolloutSource(Protocol):
@@ -88,7 +93,9 @@ def _placeholder(pad_id: int) -> Trajectory:
     return Trajectory(one, one, torch.zeros(1), 0.0, 0.0, -1, None, torch.zeros(1))
 
 
-def collate_trajectories(items: Sequence[Trajectory], pad_id: int, skip: bool = False) -> dict[str, Any]:
+def collate_trajectories(
+    items: Sequence[Trajectory], pad_id: int, skip: bool = False, idle: bool = False
+) -> dict[str, Any]:
     """Right-padded prompt+response rows; response-aligned tensors are shifted to the [B, L−1] targets.
     No items: one placeholder row of weight 0 (``row_mask`` 0, see the module docstring)."""
     real = len(items) > 0
@@ -113,7 +120,8 @@ def collate_trajectories(items: Sequence[Trajectory], pad_id: int, skip: bool = 
         "rewards": torch.tensor([t.reward for t in items], dtype=torch.float32),  # [B]
         "group": torch.tensor([t.group for t in items], dtype=torch.long),  # [B]
         "row_mask": torch.full((len(items),), float(real)),  # [B] 1: a training sample, 0: a placeholder
-        "skip": skip,
+        "skip": skip or idle,
+        "idle": idle,  # not an update slot at all: an iteration that makes none (update_accounting=per_sample)
     }
     if with_ref:
         batch["ref_logprobs"] = ref_logprobs
@@ -132,6 +140,7 @@ class EMDataModule(L.LightningDataModule):
         batch_size: int,
         updates_per_iteration: int,
         update_accounting: str,
+        samples_per_update: int,
         rows_per_prompt: int,
         max_prompt_tokens: int,
         seed: int,
@@ -140,6 +149,8 @@ class EMDataModule(L.LightningDataModule):
         super().__init__()
         if update_accounting not in UPDATE_ACCOUNTING:
             raise ValueError(f"update_accounting={update_accounting!r} is not one of {UPDATE_ACCOUNTING}")
+        if update_accounting == "per_sample" and samples_per_update < 1:
+            raise ValueError(f"samples_per_update={samples_per_update} must be >= 1 under update_accounting=per_sample")
         if pool_sampling not in POOL_MODES:
             raise ValueError(f"pool_sampling={pool_sampling!r} is not one of {POOL_MODES}")
         self.train_problems, self.train_prompts, self.dropped = encode_prompts(
@@ -153,6 +164,7 @@ class EMDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.updates_per_iteration = updates_per_iteration
         self.update_accounting = update_accounting
+        self.samples_per_update = samples_per_update
         self.rows_per_update = batch_size * (rows_per_prompt if update_accounting == "reference" else 1)
         self.seed = seed
         self.iteration = -1  # the iteration whose trajectories are held
@@ -186,11 +198,16 @@ class EMDataModule(L.LightningDataModule):
         *,
         total_samples: int | None = None,
         world_size: int = 1,
+        generated: tuple[int, int] = (0, 0),
     ) -> None:
-        """This rank's training samples (may be empty); ``total_samples``: all ranks' (None: this rank's)."""
+        """This rank's training samples (may be empty); ``total_samples``: all ranks' (None: this rank's);
+        ``generated``: the run's cumulative generated samples before and after this E-step (all ranks)."""
         total = len(trajectories) if total_samples is None else total_samples
         if self.update_accounting == "reference":
             self.updates = max(1, math.ceil(total / (self.rows_per_update * world_size)))
+        elif self.update_accounting == "per_sample":
+            before, after = generated
+            self.updates = after // self.samples_per_update - before // self.samples_per_update
         else:
             self.updates = self.updates_per_iteration
         self.iteration, self.trajectories, self.skip_updates = iteration, trajectories, skip_updates
@@ -207,7 +224,11 @@ class EMDataModule(L.LightningDataModule):
             self,
             self.trajectories,
             batch_sampler=_Batches(self._batches()),
-            collate_fn=partial(collate_trajectories, pad_id=self.pad_id, skip=self.skip_updates),
+            # An iteration without updates still yields one idle placeholder: Lightning ends a fit at an epoch
+            # without batches. It takes no optimiser step and no schedule slot.
+            collate_fn=partial(
+                collate_trajectories, pad_id=self.pad_id, skip=self.skip_updates, idle=self.updates == 0
+            ),
         )
 
     def _batches(self) -> list[list[int]]:
@@ -216,6 +237,8 @@ class EMDataModule(L.LightningDataModule):
         if self.update_accounting == "reference":  # one pass, near-equal consecutive chunks of a permutation
             order = torch.randperm(len(self.trajectories), generator=generator)
             return [chunk.tolist() for chunk in torch.tensor_split(order, self.updates)]
+        if self.updates == 0:
+            return [[]]  # the idle placeholder (train_dataloader)
         if not self.trajectories:
             return [[] for _ in range(self.updates)]
         # Without replacement; cycles through fresh permutations when updates × batch > samples.

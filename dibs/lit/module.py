@@ -132,7 +132,8 @@ class EMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch["skip"]:  # no training sample has a non-zero advantage anywhere (decided alike on every rank)
-            self.lr_schedulers().step()  # the schedule still counts the update slot, so it ends where planned
+            if not batch.get("idle"):  # an idle placeholder is no update slot (an iteration without updates)
+                self.lr_schedulers().step()  # the schedule still counts the update slot, so it ends where planned
             return None
         optimizer = self.optimizers()
         micro, denom, world, own = self._plan(batch)

@@ -213,16 +213,24 @@ class RolloutCallback(L.Callback):
         self._push_weights(trainer)  # timed on its own into wall_s
         started = time.perf_counter()
         dm = trainer.datamodule
-        result = self.estep.run(iteration, dm.prompts_for(iteration, trainer.global_rank, trainer.world_size))
+        before = self.totals["samples"]
+        # a sample budget is spent exactly: the E-step that would cross it is cut to what is left
+        limit = self.budget.amount - before if self.budget.unit == "samples" else None
+        result = self.estep.run(iteration, dm.prompts_for(iteration, trainer.global_rank, trainer.world_size), limit)
         if result.skip:
             warn(
                 f"iteration {iteration + 1}: no training sample has a non-zero advantage ({result.counts['accepted']} "
                 f"of {result.counts['samples']} accepted): the M-step is skipped and the run continues"
             )
-        dm.set_trajectories(
-            iteration, result.training, result.skip, total_samples=result.counts["train"], world_size=trainer.world_size
-        )
         generated = result.metrics
+        dm.set_trajectories(
+            iteration,
+            result.training,
+            result.skip,
+            total_samples=result.counts["train"],
+            world_size=trainer.world_size,
+            generated=(before, before + int(generated["rollout/generated_samples"])),
+        )
         self.totals["samples"] += generated["rollout/generated_samples"]
         self.totals["tokens"] += generated["rollout/generated_tokens"]
         self.totals["accepted"] += result.counts["accepted"]

@@ -240,3 +240,18 @@ def test_every_shipped_strategy_runs_two_e_steps_within_its_samples(name, tiny_m
         assert generated == sum(int(r.counts.sum()) for r in result.rounds)
         assert result.metrics["rollout/samples"] == len(result.samples) <= generated
         assert result.metrics["pilot/samples"] + result.metrics["stage2/samples"] == generated
+
+
+@pytest.mark.parametrize("limit", [1, 7, 13])
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
+def test_every_shipped_strategy_stops_at_a_budget_limit_cut_mid_round(name, limit, tiny_model, tokenizer, prompts):
+    """What is left of a sample budget cuts the E-step wherever it falls (inside a pilot or a later round)."""
+    strategy = instantiate(
+        OmegaConf.create({"seed": 0, "allocation": OmegaConf.load(CONF / f"{name}.yaml")}).allocation
+    )
+    algorithm = ALGORITHMS["grpo" if strategy.pool_baseline else "raftpp"]
+    step = e_step(strategy, tiny_model, tokenizer, algorithm=algorithm)
+    step.run(0, prompts)  # strategies with memory meet the prompts again under the limit
+    result = step.run(1, prompts, limit=limit)
+    assert result.metrics["rollout/generated_samples"] == sum(int(r.counts.sum()) for r in result.rounds) == limit
+    assert result.metrics["rollout/samples"] == len(result.samples) <= limit

@@ -13,6 +13,7 @@ def make_dm(task, tokenizer, **kw):
         template=PromptTemplate(None, "", ""), prompts_per_iteration=10, batch_size=4, updates_per_iteration=3, seed=1
     )
     args.update(pool_sampling="random", update_accounting="fixed", rows_per_prompt=1, max_prompt_tokens=512)
+    args.update(samples_per_update=64)
     args.update(kw)
     return EMDataModule(task.train, tokenizer, **args)
 
@@ -97,6 +98,25 @@ def test_reference_accounting_over_ranks_runs_the_global_count_on_every_rank(tas
     dm.set_trajectories(0, [traj(3, 2), traj(3, 2)], skip_updates=False, total_samples=25, world_size=2)
     batches = list(dm.train_dataloader())
     assert dm.updates == 4 and [b["row_mask"].tolist() for b in batches] == [[1.0], [1.0], [0.0], [0.0]]
+
+
+def test_per_sample_accounting_makes_one_update_per_k_generated_samples_over_the_run(task, tokenizer):
+    # K = 10: iterations generating 25, 3, 40 and 2 samples (cumulative 25, 28, 68, 70) make 2, 0, 4 and 1
+    # updates: floor(C_k / K) - floor(C_(k-1) / K), 7 = floor(70 / 10) in all, whatever each iteration drew
+    dm = make_dm(task, tokenizer, update_accounting="per_sample", samples_per_update=10)
+    made, total = [], 0
+    for k, drawn in enumerate([25, 3, 40, 2]):
+        dm.set_trajectories(k, [traj(3, 2) for _ in range(5)], skip_updates=False, generated=(total, total + drawn))
+        total += drawn
+        batches = list(dm.train_dataloader())
+        made.append(0 if batches[0]["idle"] else len(batches))
+        assert all(b["skip"] for b in batches) if made[-1] == 0 else not any(b["idle"] for b in batches)
+    assert made == [2, 0, 4, 1] and sum(made) == 70 // 10  # the idle iteration yields one placeholder, no update
+
+
+def test_per_sample_accounting_needs_a_positive_k(task, tokenizer):
+    with pytest.raises(ValueError, match="samples_per_update=0 must be >= 1"):
+        make_dm(task, tokenizer, update_accounting="per_sample", samples_per_update=0)
 
 
 def test_unknown_update_accounting_is_an_error_naming_the_key(task, tokenizer):

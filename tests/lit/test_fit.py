@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -240,8 +241,8 @@ def test_grid_stops_on_budget_and_reports(tmp_path, cache):
     """A 2-configuration x 2-seed grid of tiny runs, each stopped by a sample budget, then its report."""
     sweep = tmp_path / "grid"
     small = [o for o in SMALL if not o.startswith("iterations=")]
-    # 16 prompts x 8 samples = 128 a step: a budget of 200 is crossed by iteration 2 (256 samples), which is
-    # within one iteration of it; the cap of 5 iterations is never reached
+    # 16 prompts x 8 samples = 128 a step: a budget of 200 is spent exactly, iteration 2 cut to the 72 samples
+    # left; the cap of 5 iterations is never reached
     cmd = [sys.executable, "train.py", "-m", "+grid=raft_vs_raftpp", "seed=0,1", "budget.samples=200", "iterations=5"]
     cmd += [f"hydra.sweep.dir={sweep}", f"cache_dir={cache}", *small, *WARM]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -250,12 +251,12 @@ def test_grid_stops_on_budget_and_reports(tmp_path, cache):
     assert runs == ["algo=raft,seed=0", "algo=raft,seed=1", "algo=raftpp,seed=0", "algo=raftpp,seed=1"]
     for name in runs:
         s = scalars(sweep / name)
-        assert s["cost/samples"] == [0, 128, 256] and 200 <= s["cost/samples"][-1] < 200 + 128
+        assert s["cost/samples"] == [0, 128, 200]
         assert s["cost/updates"] == [0, 2, 4] and len(s["val/acc"]) == 3
         assert s["cost/tokens"][-1] == s["rollout/tokens_cum"][-1] > 0
         assert 0 < s["cost/wall_s"][1] < s["cost/wall_s"][2]
         log = (sweep / name / "train.log").read_text()
-        assert "budget reached after iteration 2: 256 samples >= 200" in log
+        assert "budget reached after iteration 2: 200 samples >= 200" in log
         assert "the learning-rate schedule spans 2 iterations" in log  # ceil(200 / 128), not the cap of 5
 
     report = subprocess.run(
@@ -311,13 +312,42 @@ def test_a_second_run_into_an_occupied_folder_is_refused(tmp_path):
 
 def test_resuming_a_run_its_budget_stopped_trains_no_further(tmp_path, cache):
     run = tmp_path / "run"
-    train(run, cache, "budget.samples=100")  # 128 samples a step: stops after iteration 1 of 2
+    train(run, cache, "budget.samples=100")  # 128 samples a step, cut to 100: stops after iteration 1 of 2
     resumed = train(run, cache, "budget.samples=100", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
-    assert "the run already finished (1 iterations, 2 updates, its budget (128 samples) reached): nothing to do" in (
+    assert "the run already finished (1 iterations, 2 updates, its budget (100 samples) reached): nothing to do" in (
         resumed.stdout + resumed.stderr
     )
     s = scalars(run)
-    assert s["cost/samples"] == [0, 128] and len(s["train/loss"]) == 2  # nothing generated or trained after it
+    assert s["cost/samples"] == [0, 100] and len(s["train/loss"]) == 2  # nothing generated or trained after it
+
+
+def test_per_sample_accounting_gives_equal_updates_for_an_exactly_spent_sample_budget(tmp_path, cache):
+    """DAPO's dynamic sampling spends a different number of samples every iteration; under
+    update_accounting=per_sample the run still makes budget.samples // samples_per_update updates, and generates
+    exactly budget.samples (the last E-step cut to what is left)."""
+    run = tmp_path / "run"
+    proc = train(
+        run,
+        cache,
+        "allocation=dynamic_sampling",
+        "allocation.n_per_prompt=4",
+        "allocation.batch_prompts=6",
+        "allocation.train_prompts=4",
+        "algo=grpo",
+        "update_accounting=per_sample",
+        "samples_per_update=40",
+        "budget.samples=150",
+        "iterations=20",
+        "eval.every=100",
+    )
+    s = scalars(run)
+    drawn = s["rollout/generated_samples"]
+    assert sum(drawn) == 150 == s["cost/samples"][-1] and len(set(drawn)) > 1  # unequal iterations, exact total
+    assert s["cost/updates"][-1] == 150 // 40
+    cumulative = np.cumsum(drawn)
+    made = np.diff(np.concatenate([[0], cumulative // 40]))
+    assert s["train/updates_per_iteration"] == made.tolist()
+    assert "3 updates in all" in proc.stdout + proc.stderr and 0 in made  # an iteration without an update
 
 
 @pytest.mark.distributed
