@@ -132,7 +132,7 @@ def main(cfg: DictConfig) -> float:
         budget=budget,
     )
     datamodule = EMDataModule(
-        task.train,
+        task.train[: cfg.pool_size],
         tokenizer,
         template=template,
         prompts_per_iteration=cfg.prompts_per_iteration,

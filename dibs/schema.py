@@ -118,6 +118,7 @@ class Eval(_Open):
     samples: int = Field(ge=1)
     pass_k: list[int] = Field(min_length=1)
     every: int = Field(ge=1)
+    every_samples: int = Field(ge=0)
     before_training: bool
     max_prompt_tokens: int | None = Field(ge=1)  # null: no limit
     sampling: Sampling
@@ -197,6 +198,7 @@ class Config(_Open):
     seed: int
     iterations: int = Field(ge=1)
     prompts_per_iteration: int = Field(ge=1)
+    pool_size: int | None = Field(ge=1)
     pool_sampling: Literal["random", "shards"]
     batch_size: int = Field(ge=1)
     updates_per_iteration: int = Field(ge=1)

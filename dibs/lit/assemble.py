@@ -192,7 +192,7 @@ def build_eval_plan(
                 f"{max_prompt_tokens} left out of its scores, e.g. {bench.dropped[0]}"
             )
         info(f"benchmark {bench.name}: {len(bench.problems)} problems, levels {bench.levels}")
-    options = {k: evaluation[k] for k in ("samples", "every", "before_training")}
+    options = {k: evaluation[k] for k in ("samples", "every", "every_samples", "before_training")}
     return EvalPlan(
         loaded,
         pass_k=tuple(evaluation["pass_k"]),

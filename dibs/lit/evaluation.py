@@ -32,10 +32,13 @@ class EvalPlan:
     pass_k: Sequence[int]
     sampling: SamplingParams
     every: int
+    every_samples: int  # 0: by iterations (``every``); else after each iteration that crosses a multiple
     before_training: bool
     averages: Mapping[str, Sequence[str]]  # suite name -> its benchmarks (the benchmarks group's)
 
     def __post_init__(self) -> None:
+        if self.every_samples < 0:
+            raise ValueError(f"eval.every_samples={self.every_samples} must be >= 0 (0: by iterations, eval.every)")
         if self.every < 1:
             raise ValueError(f"eval.every={self.every} must be >= 1 (iterations between evaluations)")
         if self.samples < 1:
@@ -46,8 +49,14 @@ class EvalPlan:
                 f"eval.pass_k={list(self.pass_k)} must be distinct values in [1, eval.samples={self.samples}]"
             )
 
-    def due(self, iteration: int, last: bool) -> bool:
-        """Whether the evaluation after ``iteration`` (1-based) runs: every ``every``-th, and the last."""
+    def due(self, iteration: int, last: bool, samples: tuple[int, int] = (0, 0)) -> bool:
+        """Whether the evaluation after ``iteration`` (1-based) runs: every ``every``-th, or, with
+        ``every_samples``, each iteration whose generated samples (cumulative ``samples`` before and after it)
+        cross a multiple of it, so runs that spend samples at different paces are evaluated at the same costs;
+        and always the last."""
+        if self.every_samples > 0:
+            before, after = samples
+            return last or after // self.every_samples > before // self.every_samples
         return last or iteration % self.every == 0
 
 

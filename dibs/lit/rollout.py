@@ -77,6 +77,7 @@ class RolloutCallback(L.Callback):
         # Cumulative, all ranks: generated samples and response tokens (pilots included), accepted samples, and
         # the seconds this rank spent in E-steps and M-steps (evaluation, exports and checkpoints excluded).
         self.totals = {"samples": 0, "tokens": 0, "accepted": 0, "wall_s": 0.0, "pilot_samples": 0, "pilot_tokens": 0}
+        self.totals["samples_before"] = 0  # generated samples before the held iteration's E-step
         self.evals: list[EvalResult] = []
         self.estep: EStep | None = None  # built in on_fit_start, once the processes and the policy exist
         self._train_started = 0.0
@@ -119,7 +120,9 @@ class RolloutCallback(L.Callback):
         self.totals["wall_s"] += train_s
         self._log(trainer, {"time/train_s": train_s, **peak_memory(trainer.strategy.root_device, "m_step")})
         iteration, stop = trainer.current_epoch + 1, self.budget.reached(self.costs(trainer))  # alike on all ranks
-        if self.evaluation and self.evaluation.due(iteration, last=stop or iteration >= trainer.max_epochs):
+        last = stop or iteration >= trainer.max_epochs
+        spent = (self.totals["samples_before"], self.totals["samples"])  # this iteration's E-step, cumulative
+        if self.evaluation and self.evaluation.due(iteration, last, spent):
             self._evaluate(trainer, iteration)
         self._export(trainer, iteration)
         if stop:
@@ -213,7 +216,7 @@ class RolloutCallback(L.Callback):
         self._push_weights(trainer)  # timed on its own into wall_s
         started = time.perf_counter()
         dm = trainer.datamodule
-        before = self.totals["samples"]
+        before = self.totals["samples_before"] = self.totals["samples"]
         # a sample budget is spent exactly: the E-step that would cross it is cut to what is left
         limit = self.budget.amount - before if self.budget.unit == "samples" else None
         result = self.estep.run(iteration, dm.prompts_for(iteration, trainer.global_rank, trainer.world_size), limit)

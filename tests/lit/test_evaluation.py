@@ -106,7 +106,7 @@ def test_summary_table_lists_benchmarks_levels_and_averages():
 
 def test_the_plan_evaluates_every_nth_iteration_and_the_last():
     settings = dict(benchmarks=[], samples=4, pass_k=[1, 4], sampling=SamplingParams(), before_training=True)
-    settings["averages"] = {}
+    settings.update(averages={}, every_samples=0)
     plan = EvalPlan(**settings, every=3)
     assert [i for i in range(1, 8) if plan.due(i, last=i == 7)] == [3, 6, 7]
     with pytest.raises(ValueError, match="eval.every=0"):
@@ -114,6 +114,16 @@ def test_the_plan_evaluates_every_nth_iteration_and_the_last():
     with pytest.raises(ValueError, match=r"eval.pass_k=\[1, 8\] must be distinct values in \[1, eval.samples=4\]"):
         EvalPlan(**{**settings, "pass_k": [1, 8]}, every=1)
     assert len({eval_seed(1, 0), eval_seed(1, 1), eval_seed(2, 1), eval_seed(1, 1, rank=1)}) == 4
+
+
+def test_the_plan_by_samples_evaluates_where_a_multiple_is_crossed():
+    settings = dict(benchmarks=[], samples=4, pass_k=[1], sampling=SamplingParams(), before_training=True)
+    plan = EvalPlan(**settings, averages={}, every=1, every_samples=100)
+    spent = [0, 60, 130, 190, 340, 360]  # cumulative generated samples after each iteration
+    due = [i for i in range(1, 6) if plan.due(i, last=i == 5, samples=(spent[i - 1], spent[i]))]
+    assert due == [2, 4, 5]  # 130 crosses 100; 340 crosses 200 and 300 (one evaluation); 360 is the last
+    with pytest.raises(ValueError, match="eval.every_samples=-1 must be >= 0"):
+        EvalPlan(**settings, averages={}, every=1, every_samples=-1)
 
 
 @pytest.mark.gpu
