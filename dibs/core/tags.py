@@ -3,7 +3,7 @@ held-out accuracy, cumulative costs and the allocation diagnostics, each named o
 
 from __future__ import annotations
 
-__all__ = ["ALLOC_TAGS", "COST", "COST_UNITS", "ITERATION", "ITERATION_TAGS", "VAL_ACC", "VAL_LEVEL"]
+__all__ = ["ALLOC_TAGS", "SAMPLING_TAGS", "COST", "COST_UNITS", "ITERATION", "ITERATION_TAGS", "VAL_ACC", "VAL_LEVEL"]
 
 VAL_ACC = "val/acc"  # held-out Average@k (the mean over the benchmarks when several are evaluated)
 VAL_LEVEL = "val/acc_level_"  # + a difficulty level: Average@k of the first benchmark's problems of that level
@@ -25,4 +25,13 @@ ALLOC_TAGS = {
     "alloc/predicted_accept": "the acceptance rate of the allocated round's samples that the per-prompt estimates "
     "predict",
     "alloc/realised_accept": "the acceptance rate those samples actually had",
+}
+# Logged by every E-step, whatever its strategy: how the iteration's samples were spread over its prompts.
+SAMPLING_TAGS = {
+    "sampling/zero_sample_frac": "the fraction of an iteration's prompts that got no sample at all (skipped, never "
+    "reached, or allocated none)",
+    "sampling/samples_per_prompt": "the samples generated per prompt of the iteration, every round and pilot included",
+    "sampling/max_per_prompt": "the most samples one prompt got",
+    "rollout/equal_reward_frac": "the fraction of the training samples whose prompt's samples all got one reward "
+    "(GRPO's advantage is 0 there)",
 }

@@ -229,7 +229,8 @@ class MathVerifier:
     are the ``reward`` group's (``conf/reward/math_verify.yaml``); none has a default here.
     """
 
-    _check_fn: Callable[[str, str, int], str] = staticmethod(_check)  # the workers' function, picklable by name
+    _check_fn: Callable[..., str] = staticmethod(_check)  # the workers' function, picklable by name
+    _init_fn: Callable[[], None] = staticmethod(_init_worker)  # each worker's start: imports paid up front
 
     def __init__(self, *, num_workers: int, timeout_s: int, hard_timeout_s: float, max_answer_chars: int) -> None:
         if float(timeout_s) != int(timeout_s) or int(timeout_s) < 1:
@@ -249,7 +250,7 @@ class MathVerifier:
         """Reward and status per item, in input order."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
-        triaged = [_triage(c, g, self.max_answer_chars) for c, g in zip(completions, golds, strict=True)]
+        triaged = [self._triage(c, g) for c, g in zip(completions, golds, strict=True)]
         status = [s for s, _, _ in triaged]
         pending = [i for i, s in enumerate(status) if s is None]
         for i, s in zip(pending, self._verify([triaged[i][1:] for i in pending]), strict=True):
@@ -257,13 +258,25 @@ class MathVerifier:
         rewards = np.array([s in _PAYS for s in status], dtype=np.float32)  # [N]
         return VerifyResult(rewards=rewards, status=tuple(status))
 
+    def _triage(self, completion: str, gold: str) -> tuple[str | None, str, str]:
+        """(status, or None when a worker must decide; the answer; the gold as the worker gets it)."""
+        return _triage(completion, gold, self.max_answer_chars)
+
+    def format_answer(self, answer: str) -> str:
+        """A response that states ``answer`` the way this verifier reads it: the warm start's target for a
+        problem without a worked solution."""
+        return f"\\boxed{{{answer}}}"
+
+    def _task_args(self, answer: str, gold: str) -> tuple[Any, ...]:
+        return (answer, gold, self.timeout_s)
+
     def _verify(self, items: list[tuple[str, str]]) -> list[str]:
         """All items scheduled at once, so the worst case is ~len(items) / num_workers hard limits."""
         if not items:
             return []
         pool = self._get_pool()
         futures = [
-            pool.schedule(self._check_fn, args=(answer, gold, self.timeout_s), timeout=self.hard_timeout_s)
+            pool.schedule(self._check_fn, args=self._task_args(answer, gold), timeout=self.hard_timeout_s)
             for answer, gold in items
         ]
         return [_collect(f) for f in futures]
@@ -279,7 +292,7 @@ class MathVerifier:
             # spawn: each still re-imports the launching script's top level (3.11's forkserver never
             # preloads __main__), so keep train.py's module-level imports light.
             context = multiprocessing.get_context("forkserver")
-            self._pool = ProcessPool(self.num_workers, initializer=_init_worker, context=context)
+            self._pool = ProcessPool(self.num_workers, initializer=self._init_fn, context=context)
         return self._pool
 
     def close(self) -> None:

@@ -38,6 +38,12 @@ class Problem:
     answer: str
     level: str = ""
     solution: str = ""
+    check: str = ""  # what the verifier needs beyond the answer (a reasoning-gym entry as JSON); "" for maths
+
+    @property
+    def gold(self) -> str:
+        """What the verifier scores against: the answer, or ``check`` when the problem has its own scorer."""
+        return self.check or self.answer
 
 
 class DatasetError(ValueError):

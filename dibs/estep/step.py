@@ -291,6 +291,12 @@ class EStep:
             "time/verification_s": times["verification"],
         }
         metrics.update({f"reward/{s}": counts[f"status/{s}"] for s in STATUSES})
+        # how the strategy spread the iteration's samples over its prompts (every round, pilots included)
+        per_prompt = np.sum([r.counts for r in rounds], axis=0) if rounds else np.zeros(1)
+        metrics["sampling/zero_sample_frac"] = float(np.mean(per_prompt == 0))
+        metrics["sampling/samples_per_prompt"] = float(np.mean(per_prompt))
+        metrics["sampling/max_per_prompt"] = float(np.max(per_prompt))
+        metrics["sampling/rounds"] = len(rounds)
         return metrics
 
     def _allocation_metrics(self, planned: Round) -> dict[str, float]:

@@ -69,18 +69,18 @@ def prepare_policy(
     _remove_stale_staging(folder.parent)
     staging = folder.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
+    scorer = verifier()
     if model.get("path"):
         policy, tokenizer = load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
-    else:
-        tokenizer = train_tokenizer(corpus(task.train), staging, vocab_size=model["vocab_size"])
+    else:  # the answers the SFT states (problems without a worked solution) are part of the corpus
+        texts = corpus(task.train) + [scorer.format_answer(p.answer) for p in task.train if not p.solution]
+        tokenizer = train_tokenizer(texts, staging, vocab_size=model["vocab_size"])
         policy = build_tiny_qwen2(tokenizer, **model["tiny"], seed=warmstart["seed"])
     info(
         f"pi0: SFT warm start of a {count_parameters(policy) / 1e6:.2f}M-parameter policy "
         f"({warmstart['steps']} steps max, stop at {100 * warmstart['target_accuracy']:.0f}% accuracy)"
     )
-    report = _run_sft(
-        policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling, verifier()
-    )
+    report = _run_sft(policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling, scorer)
     info(
         f"pi0: SFT stopped by {report.stopped_by} after {report.steps} steps ({report.seconds:.0f}s), "
         f"{_accuracy(report)}; cached in {folder}"
@@ -121,11 +121,19 @@ def _run_sft(
     # Without a held-out split, the stop rule probes the pool's tail, which the SFT then leaves out.
     held_out = task.test or task.train[-warmstart["eval_problems"] :]
     probed = set() if task.test else {p.uid for p in held_out}
-    with_solution = [p for p in task.train if p.solution and p.uid not in probed]
-    if not with_solution:
-        raise ValueError("warmstart.steps > 0 but no training problem has a reference solution to SFT on")
-    kept, prompt_ids, _ = encode_prompts(with_solution, tokenizer, template, max_prompt_tokens=max_prompt_tokens)
-    examples = [(ids, encode_response(tokenizer, p.solution)) for p, ids in zip(kept, prompt_ids)]
+    # A problem without a worked solution (reasoning-gym's tasks, a JSONL of answers only) is trained on its
+    # answer alone, stated the way the run's verifier reads it (\boxed{} or <answer> tags).
+    trained = [p for p in task.train if p.uid not in probed]
+    if not trained:
+        raise ValueError("warmstart.steps > 0 but the training split has no problem to SFT on")
+    answer_only = sum(not p.solution for p in trained)
+    if answer_only:
+        info(f"warm start: {answer_only} of {len(trained)} problems have no worked solution: SFT on the answer alone")
+    kept, prompt_ids, _ = encode_prompts(trained, tokenizer, template, max_prompt_tokens=max_prompt_tokens)
+    examples = [
+        (ids, encode_response(tokenizer, p.solution or verifier.format_answer(p.answer)))
+        for p, ids in zip(kept, prompt_ids)
+    ]
     probe, probe_ids, _ = encode_prompts(
         held_out[: warmstart["eval_problems"]], tokenizer, template, max_prompt_tokens=max_prompt_tokens
     )
@@ -135,7 +143,7 @@ def _run_sft(
         generator = HFGenerator(model, tokenizer, token_budget=32768, show_progress=False)
         groups = generator.generate(probe_ids, [warmstart["eval_samples"]] * len(probe_ids), eval_sampling)
         texts = [c.text for g in groups for c in g]
-        golds = [p.answer for p, g in zip(probe, groups) for _ in g]
+        golds = [p.gold for p, g in zip(probe, groups) for _ in g]
         return float(verifier.score(texts, golds).rewards.mean())
 
     # The stop rule samples from the global RNG: seed it from the warm start's own seed, so pi0 (which is

@@ -187,7 +187,7 @@ class EMDataModule(L.LightningDataModule):
         return IterationPrompts(
             pool=pool,
             token_ids=[self.train_prompts[i] for i in mine],
-            answers=[self.train_problems[i].answer for i in mine],
+            answers=[self.train_problems[i].gold for i in mine],
         )
 
     def set_trajectories(

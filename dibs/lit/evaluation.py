@@ -101,7 +101,7 @@ def evaluate(
         prompts = [bench.prompts[i] for i in shard]
         groups = generator.generate(prompts, [samples] * len(shard), sampling) if shard else []
         texts = [c.text for group in groups for c in group]
-        golds = [bench.problems[i].answer for i, group in zip(shard, groups) for _ in group]
+        golds = [bench.problems[i].gold for i, group in zip(shard, groups) for _ in group]
         result = verifier.score(texts, golds) if texts else None
         rewards = torch.as_tensor(result.rewards if result is not None else [], dtype=torch.float32)
         metric = BenchmarkMetrics(levels=bench.levels, samples=samples, pass_k=pass_k).to(device)
