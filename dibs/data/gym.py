@@ -33,7 +33,7 @@ def load_gym(
     size: int,
     test_size: int,
     seed: int,
-    options: Mapping[str, Mapping[str, Any]],
+    options: Mapping[str, Mapping[str, Any]] | None,
     level_from: str,
 ) -> TaskSplits:
     """The pool and the held-out set of the named tasks. ``level_from``: ``task`` (the task's name is the
@@ -41,7 +41,7 @@ def load_gym(
     import reasoning_gym
 
     known = sorted(reasoning_gym.factory.DATASETS)
-    tasks = list(tasks)
+    tasks, options = list(tasks), dict(options or {})
     if not tasks:
         raise ValueError("data.source.tasks is empty: name at least one reasoning-gym task, e.g. [chain_sum]")
     for name in tasks:

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from dibs.core.tags import ALLOC_TAGS, COST, COST_UNITS, ITERATION, ITERATION_TAGS, VAL_ACC, VAL_LEVEL
+from dibs.core.tags import ALLOC_TAGS, COST, COST_UNITS, ITERATION, ITERATION_TAGS, SAMPLING_TAGS, VAL_ACC, VAL_LEVEL
 
 __all__ = [
     "ALLOC_TAGS",
+    "SAMPLING_TAGS",
     "COST_UNITS",
     "ITERATION_TAGS",
     "Curve",
@@ -28,7 +29,7 @@ __all__ = [
 
 # Logged once per EM iteration, all optional (dibs.core.tags): the E-step's training samples and acceptance, the
 # pilot's cumulative samples, and (allocating strategies only) the allocation diagnostics.
-_PER_ITERATION = frozenset((ITERATION, *ITERATION_TAGS, *ALLOC_TAGS))
+_PER_ITERATION = frozenset((ITERATION, *ITERATION_TAGS, *ALLOC_TAGS, *SAMPLING_TAGS))
 _LEVEL = re.compile(rf"^{re.escape(VAL_LEVEL)}(.+)$")
 
 
@@ -146,7 +147,7 @@ def _per_iteration(series: dict[str, dict[int, list[tuple[float, int, float]]]])
     """
     numbers = series.get(ITERATION, {})
     rows: dict[tuple[int, int, float], dict[str, float]] = {}
-    for tag in (*ITERATION_TAGS, *ALLOC_TAGS):
+    for tag in (*ITERATION_TAGS, *ALLOC_TAGS, *SAMPLING_TAGS):
         for step, entries in series.get(tag, {}).items():
             known = numbers.get(step, [])
             for index, (_, _, value) in enumerate(entries):  # in logging order: a repeat overwrites the earlier one
@@ -155,6 +156,6 @@ def _per_iteration(series: dict[str, dict[int, list[tuple[float, int, float]]]])
     keys = sorted(rows)
     return {
         tag: np.array([rows[k].get(tag, math.nan) for k in keys], dtype=np.float64)
-        for tag in (*ITERATION_TAGS, *ALLOC_TAGS)
+        for tag in (*ITERATION_TAGS, *ALLOC_TAGS, *SAMPLING_TAGS)
         if tag in series
     }

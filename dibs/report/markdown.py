@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dibs.core.tags import ALLOC_TAGS
+from dibs.core.tags import ALLOC_TAGS, SAMPLING_TAGS
 from dibs.report.events import level_names
 from dibs.report.grid import COST_UNITS, Grid, format_value
 from dibs.report.plots import BAND, UNIT_NAMES
@@ -43,6 +43,12 @@ SETTINGS = (
     "warmstart.steps",
 )
 UNIT_TITLES = {"samples": "Samples", "tokens": "Tokens", "updates": "Updates", "wall_s": "Wall (s)"}
+SAMPLING_COLUMNS = {  # the E-step table's columns logged by every strategy: title, cell format
+    "sampling/samples_per_prompt": ("Samples / prompt", ".2f"),
+    "sampling/max_per_prompt": ("Max / prompt", ".1f"),
+    "sampling/zero_sample_frac": ("Prompts without a sample (%)", "pct"),
+    "rollout/equal_reward_frac": ("Equal-reward samples (%)", "pct"),
+}
 ALLOC_COLUMNS = {  # the E-step table's alloc/* columns: title, cell format (what each is: dibs.core.tags)
     "alloc/zero_frac": ("Zero-sample prompts (%)", "pct"),
     "alloc/gini": ("Gini", ".3f"),
@@ -229,10 +235,16 @@ def _target(grid: Grid, data: dict[str, Any]) -> list[str]:
     tgt, base = data["target"], data["baseline"]["configuration"]
     reach = data["target_cost"]
     partial = len(set(data["baseline"]["per_configuration"].values())) > 1  # one baseline per value of other axes
-    rows, speed_rows = [], []
+    unit = data["budget"]["unit"]
+    rows, speed_rows, mean_rows = [], [], []
     for label in grid.configurations:
         r = reach[label]
         rows.append([label, f"{r['reached']}/{r['n']}", *(cost(r["cost"][u], u) for u in COST_UNITS)])
+        at, ratio = r.get("mean_curve"), r.get("mean_curve_ratio")
+        share = f"{100 * at / data['budget']['amount']:.0f}%" if at is not None and data["budget"]["amount"] else "–"
+        mean_rows.append(
+            [label, f"{at:,.0f}" if at is not None else "not reached", share, f"{ratio:.2f}" if ratio else "n/a"]
+        )
         speed = [r["speedup"][u] for u in COST_UNITS]
         row = [label, *(f"{v:.2f}×" if v is not None else "n/a" for v in speed), r["speedup_note"] or ""]
         speed_rows.append(row if not partial else [row[0], r["baseline"] or "–", *row[1:]])
@@ -262,6 +274,21 @@ def _target(grid: Grid, data: dict[str, Any]) -> list[str]:
             else table(["Configuration", *(UNIT_TITLES[u] for u in COST_UNITS), "Note"], speed_rows, align="lrrrrl")
         ),
     ]
+    lines += [
+        "",
+        f"### On the mean curve ({UNIT_NAMES.get(unit, unit)})",
+        "",
+        *table(
+            ["Configuration", f"{UNIT_TITLES.get(unit, unit)} to the target", "Of the budget", "Ratio to baseline"],
+            mean_rows,
+            align="lrrr",
+        ),
+        "",
+        "The mean over seeds of each seed's accuracy at its last evaluation at or below a cost (the rule of the "
+        "fractions table), read at every cost where some seed evaluated: the first cost where that mean reaches the "
+        "target. Defined when single seeds miss a target their mean meets (the baseline's own mean final accuracy); "
+        "ratio = this cost / the baseline's (< 1: fewer).",
+    ]
     at_pi0 = [s["run"] for r in reach.values() for s in r["per_seed"] if s["at_pi0"]]
     if at_pi0:
         lines += ["", f"Note: the target is met at π0 (zero cost) by {len(at_pi0)} run(s): {', '.join(at_pi0[:5])}."]
@@ -287,13 +314,18 @@ def _estep(grid: Grid, data: dict[str, Any]) -> list[str]:
     alloc/* scalars (columns left out when no run logs them; "–" for a configuration that does not)."""
     estep = data["estep"]
     tags = [tag for tag in estep["alloc_tags"] if tag in ALLOC_COLUMNS]
+    sampled = [tag for tag in SAMPLING_COLUMNS if tag in estep.get("sampling_tags", [])]
     header = ["Configuration", "Generated samples", "Pilot share (%)", "Accepted / iteration"]
-    header += [ALLOC_COLUMNS[tag][0] for tag in tags]
+    header += [SAMPLING_COLUMNS[tag][0] for tag in sampled] + [ALLOC_COLUMNS[tag][0] for tag in tags]
     rows = []
     for label in grid.configurations:
         row = estep["configurations"][label]
         cells = [label, cost(row["generated_samples"], "samples"), pct(row["pilot_share"])]
         cells.append(_pm(row["accepted_per_iteration"], ",.1f"))
+        for tag in sampled:
+            fmt = SAMPLING_COLUMNS[tag][1]
+            value = row["sampling"][tag]
+            cells.append(pct(value) if fmt == "pct" else _pm(value, fmt))
         for tag in tags:
             fmt = ALLOC_COLUMNS[tag][1]
             cells.append(pct(row["alloc"][tag]) if fmt == "pct" else _pm(row["alloc"][tag], fmt))
@@ -313,6 +345,10 @@ def _estep(grid: Grid, data: dict[str, Any]) -> list[str]:
         "pilot).",
         "- *Accepted / iteration*: the mean over iterations of `rollout/accept_rate` × `rollout/samples`, the number "
         "of an iteration's training samples that the verifier accepted.",
+    ]
+    lines += [
+        f"- *{SAMPLING_COLUMNS[tag][0]}*: the mean over iterations of {SAMPLING_TAGS[tag]} (`{tag}`)."
+        for tag in sampled
     ]
     lines += [f"- *{ALLOC_COLUMNS[tag][0]}*: the mean over iterations of {ALLOC_TAGS[tag]} (`{tag}`)." for tag in tags]
     if tags:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dibs.report.events import ALLOC_TAGS, level_names
+from dibs.report.events import ALLOC_TAGS, SAMPLING_TAGS, level_names
 from dibs.report.grid import COST_UNITS, SEED_AXIS, Curve, Grid, ReportError, Run, format_value
 
 __all__ = [
@@ -109,6 +109,18 @@ def mean_over_run(curve: Curve, unit: str, end: float, level: str | None = None)
     return float(np.sum(_series(curve, level)[held] * width[held]) / end)
 
 
+def mean_curve_reach(runs: list[Run], unit: str, target: float) -> float | None:
+    """The least cost at which the mean over seeds of ``acc_at_fraction`` (each seed's last evaluation at or
+    below that cost) reaches ``target``: read at every cost where some seed evaluated. None if it never does.
+    Defined even when single seeds miss a target that their mean meets (a baseline's own mean final accuracy)."""
+    costs = np.unique(np.concatenate([r.curve.cost[unit] for r in runs]))
+    for x in costs:
+        accs = [acc_at_fraction(r.curve, unit, float(x)) for r in runs]
+        if all(a is not None for a in accs) and float(np.mean(accs)) >= target - ACC_TOL:
+            return float(x)
+    return None
+
+
 def _finite_mean(values: np.ndarray) -> float | None:
     finite = values[np.isfinite(values)]
     return float(np.mean(finite)) if finite.size else None
@@ -135,6 +147,7 @@ def estep_numbers(curve: Curve) -> dict[str, Any]:
         "pilot_share": share,
         "accepted_per_iteration": accepted,
         "alloc": {tag: _finite_mean(it[tag]) for tag in ALLOC_TAGS if tag in it},
+        "sampling": {tag: _finite_mean(it[tag]) for tag in SAMPLING_TAGS if tag in it},
     }
 
 
@@ -144,12 +157,33 @@ def first_reaching(curve: Curve, target: float) -> int | None:
     return int(hit[0]) if hit.size else None
 
 
-def resolve_target(grid: Grid, finals: dict[str, dict[str, Any]], target: float | None) -> Target:
+TARGET_RULES = ("baseline_final",)  # grid.target may name a rule instead of a value
+
+
+def resolve_target(
+    grid: Grid, finals: dict[str, dict[str, Any]], target: float | None, baselines: dict[str, str | None] | None = None
+) -> Target:
     if target is not None:
         return Target(float(target), "given with --target")
     grid_cfg = grid.runs[0].config.get("grid")
     if isinstance(grid_cfg, dict) and grid_cfg.get("target") is not None:
-        return Target(float(grid_cfg["target"]), "`grid.target` in the runs' config")
+        rule = grid_cfg["target"]
+        if rule == "baseline_final":
+            named = sorted({b for b in (baselines or {}).values() if b is not None})
+            if len(named) != 1:
+                raise ReportError(
+                    f"grid.target=baseline_final needs one baseline configuration, this grid has {len(named)} "
+                    f"({', '.join(named) or 'none'}): report each regime's runs alone (one sweep folder each)"
+                )
+            value = finals[named[0]]["final_acc"]["mean"]
+            return Target(
+                float(value),
+                f"pre-registered in the grid (`grid.target: baseline_final`): the mean final accuracy of the baseline "
+                f"`{named[0]}` over its seeds, {100 * value:.1f}%",
+            )
+        if isinstance(rule, str):
+            raise ReportError(f"grid.target={rule!r} is neither an accuracy in (0, 1] nor one of {TARGET_RULES}")
+        return Target(float(rule), "`grid.target` in the runs' config")
     # the highest accuracy that every run reaches, so that every seed has a cost to reach it and the speed-ups
     # are defined: the lowest of the runs' best evaluations
     worst = min(grid.runs, key=lambda r: float(np.max(r.curve.acc)))
@@ -260,7 +294,8 @@ def compute(
     # E-step diagnostics: per run, then over seeds; the alloc/* columns only if some run logs them
     per_run = {r.name: estep_numbers(r.curve) for r in grid.runs}
     logged = [tag for tag in ALLOC_TAGS if any(tag in n["alloc"] for n in per_run.values())]
-    estep: dict[str, Any] = {"alloc_tags": logged, "configurations": {}}
+    sampled = [tag for tag in SAMPLING_TAGS if any(tag in n["sampling"] for n in per_run.values())]
+    estep: dict[str, Any] = {"alloc_tags": logged, "sampling_tags": sampled, "configurations": {}}
     for label, runs in grid.by_config.items():
         numbers = [per_run[r.name] for r in runs]
         estep["configurations"][label] = {
@@ -269,9 +304,10 @@ def compute(
                 for key in ("generated_samples", "pilot_share", "accepted_per_iteration")
             },
             "alloc": {tag: stat([n["alloc"].get(tag) for n in numbers]) for tag in logged},
+            "sampling": {tag: stat([n["sampling"].get(tag) for n in numbers]) for tag in sampled},
         }
 
-    goal = resolve_target(grid, finals, target)
+    goal = resolve_target(grid, finals, target, baselines)
     reach: dict[str, dict[str, Any]] = {}
     for label, runs in grid.by_config.items():
         per_seed = []
@@ -294,8 +330,13 @@ def compute(
             "per_seed": per_seed,
             "cost": {u: stat([h[u] for h in hits]) for u in COST_UNITS},
         }
+    for label, runs in grid.by_config.items():  # the seed-mean step curve: where it first reaches the target
+        reach[label]["mean_curve"] = mean_curve_reach(runs, budget.unit, goal.value)
     for label, row in reach.items():
         row["baseline"] = baselines[label]
+        base_at = reach[baselines[label]]["mean_curve"] if baselines[label] in reach else None
+        mine_at = row["mean_curve"]
+        row["mean_curve_ratio"] = mine_at / base_at if mine_at is not None and base_at else None
         row["speedup"], row["speedup_note"] = {}, None
         base = reach.get(baselines[label]) if baselines[label] is not None else None
         if base is None:

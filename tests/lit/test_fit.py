@@ -321,6 +321,31 @@ def test_resuming_a_run_its_budget_stopped_trains_no_further(tmp_path, cache):
     assert s["cost/samples"] == [0, 100] and len(s["train/loss"]) == 2  # nothing generated or trained after it
 
 
+def test_a_reasoning_gym_task_warm_starts_on_answers_and_trains_on_its_own_scorer(tmp_path, cache):
+    """data=reasoning_gym end to end: the tiny pi0 is SFT-ed on answers alone (no worked solutions), the E-step
+    and the evaluation score with the task's scorer in the verifier's workers, per-level metrics by num_terms."""
+    pytest.importorskip("reasoning_gym")
+    run = tmp_path / "run"
+    gym = [o for o in SMALL if not o.startswith(("data.source.", "+data.source."))]
+    gym += [
+        "data=reasoning_gym",
+        "data.source.tasks=[chain_sum]",
+        "data.source.size=300",
+        "data.source.test_size=16",
+        "data.source.options={chain_sum: {min_terms: 2, max_terms: 3, max_digits: 1}}",
+        "data.source.level_from=num_terms",
+    ]
+    proc = train(run, cache, small=gym)
+    out = proc.stdout + proc.stderr
+    assert "300 of 300 problems have no worked solution: SFT on the answer alone" in out
+    s = scalars(run)
+    assert s["val/embedded/problems"] == [16, 16, 16] and {"val/acc_level_2", "val/acc_level_3"} <= set(s)
+    statuses = sum(s[f"reward/{k}"][-1] for k in ("exact", "verified", "rejected", "no_answer", "error", "timeout"))
+    assert statuses == s["rollout/samples"][-1] == 16 * 8 and s["reward/error"][-1] == 0
+    assert sum(s["reward/exact"]) + sum(s["reward/verified"]) > 0, "the answer-only warm start solves some prompts"
+    assert sum(s["reward/no_answer"]) < sum(s["rollout/samples"]), "pi0 learned the <answer> format"
+
+
 def test_per_sample_accounting_gives_equal_updates_for_an_exactly_spent_sample_budget(tmp_path, cache):
     """DAPO's dynamic sampling spends a different number of samples every iteration; under
     update_accounting=per_sample the run still makes budget.samples // samples_per_update updates, and generates

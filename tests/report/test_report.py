@@ -798,3 +798,86 @@ def test_a_run_that_stopped_short_of_the_budget_is_flagged(tmp_path):
     assert "**Warning:** 2 run(s) ended before spending the budget of 200 samples" in text
     assert "algo=raft,seed=1 (190)" in text
     assert "algo=raftpp,seed=1 (50)" in text
+
+
+# ---- the arena's pre-registered target and its diagnostics ------------------------------------------------
+def test_baseline_final_target_and_the_mean_curve(tmp_path):
+    grid = make_grid(tmp_path / "grid", **{"grid.target": "baseline_final"})
+    text = build_report(grid).read_text()
+    numbers = json.loads((grid / "report" / "report.json").read_text())
+    # the baseline raft's finals 0.30 and 0.40 → target 0.35, a rule written in the grid before the runs
+    assert numbers["target"]["value"] == pytest.approx(0.35)
+    assert (
+        "pre-registered in the grid (`grid.target: baseline_final`)" in text
+        and "`algo=raft` over its seeds, 35.0%" in text
+    )
+    reach = numbers["target_cost"]
+    # raft's seed-mean step curve at the costs where some seed evaluated: 0 → .10; 40 → (.10 + .30) / 2 = .20;
+    # 50, 60 → (.20 + .30) / 2 = .25; 100 → .25; 110 → (.20 + .35) / 2 = .275; 130 → (.25 + .35) / 2 = .30;
+    # 190 → (.25 + .40) / 2 = .325; 200 → (.30 + .40) / 2 = .35: reached at 200 (seed 0 alone never is)
+    assert reach["algo=raft"]["mean_curve"] == 200 and reach["algo=raft"]["reached"] == 1
+    # raftpp: 50 → (.40 + .40) / 2 = .40 ≥ .35 → 50, a quarter of raft's 200
+    assert reach["algo=raftpp"]["mean_curve"] == 50 and reach["algo=raftpp"]["mean_curve_ratio"] == pytest.approx(0.25)
+    assert "| algo=raftpp | 50 | 25% | 0.25 |" in text and "| algo=raft | 200 | 100% | 1.00 |" in text
+
+
+def test_a_baseline_final_target_with_several_baselines_is_refused(tmp_path):
+    grid = tmp_path / "grid"
+    write_multirun(grid, ["+grid=toy"], params="{algo: 'raft,raftpp', lr: '1,2', seed: '0,1'}")
+    for algo, seed in CURVES:
+        for lr in (1, 2):
+            write_run(
+                grid,
+                algo,
+                seed,
+                name=f"algo={algo},lr={lr},seed={seed}",
+                overrides=[f"algo={algo}", f"lr={lr}", f"seed={seed}", "+grid=toy"],
+                **{"grid.target": "baseline_final", "algo.lr": lr},
+            )
+    with pytest.raises(
+        ReportError, match="grid.target=baseline_final needs one baseline configuration, this grid has 2"
+    ):
+        build_report(grid, axes=["algo", "lr", "seed"])
+
+
+def test_sampling_diagnostics_of_every_strategy(tmp_path):
+    root = tmp_path / "grid"
+    write_multirun(root, ["+grid=toy"], params="{allocation: 'uniform,skip', seed: '0,1'}")
+    per_run = {  # samples per prompt, prompts without a sample, equal-reward fraction, per iteration
+        ("uniform", 0): ([4, 4, 4], [0.0, 0.0, 0.0], [0.5, 0.6, 0.7]),
+        ("uniform", 1): ([4, 4, 4], [0.0, 0.0, 0.0], [0.6, 0.6, 0.6]),
+        ("skip", 0): ([2, 3, 4], [0.5, 0.25, 0.0], [0.1, 0.2, 0.3]),
+        ("skip", 1): ([3, 3, 3], [0.25, 0.25, 0.25], [0.2, 0.2, 0.2]),
+    }
+    for (allocation, seed), (spp, zero, equal) in per_run.items():
+        run = write_run(
+            root,
+            "raft",
+            seed,
+            name=f"allocation={allocation},seed={seed}",
+            overrides=[f"allocation={allocation}", f"seed={seed}", "+grid=toy"],
+            events=False,
+            **{"grid.baseline": "allocation=uniform", "budget.samples": 192},
+        )
+        write_events(run / "tb", [0, 64, 128, 192], [0.10, 0.20, 0.25, 0.30])
+        scalars = {
+            "rollout/samples": [64] * 3,
+            "rollout/accept_rate": [0.5] * 3,
+            "sampling/samples_per_prompt": spp,
+            "sampling/max_per_prompt": [max(spp)] * 3,
+            "sampling/zero_sample_frac": zero,
+            "rollout/equal_reward_frac": equal,
+        }
+        write_iterations(run / "tb", scalars, numbers=[0, 1, 2])
+    section = build_report(root).read_text().split("## E-step diagnostics\n")[1].split("\n## ")[0]
+    assert "| Samples / prompt | Max / prompt | Prompts without a sample (%) | Equal-reward samples (%) |" in section
+    # skip: samples/prompt 3, 3 → 3.00 ± 0.00; max 4, 3 → 3.5 ± 0.7; zero .25, .25 → 25.0 ± 0.0; equal .2, .2
+    assert (
+        "| allocation=skip | 192 ± 0 | 0.0 ± 0.0 | 32.0 ± 0.0 | 3.00 ± 0.00 | 3.5 ± 0.7 | 25.0 ± 0.0 | 20.0 ± 0.0 |"
+        in section
+    )
+    # uniform: equal .6, .6 → 60.0 ± 0.0
+    assert (
+        "| allocation=uniform | 192 ± 0 | 0.0 ± 0.0 | 32.0 ± 0.0 | 4.00 ± 0.00 | 4.0 ± 0.0 | 0.0 ± 0.0 | 60.0 ± 0.0 |"
+        in section
+    )
