@@ -1,9 +1,11 @@
 """The reward of reasoning-gym tasks: each task's own scorer, run like math-verify behind the process pool.
 
-A reasoning-gym problem (``dibs.data.gym``) carries its generator's entry (question, answer, metadata) as its
-gold, so the task's scorer sees what it was written for: countdown checks that the expression uses the given
-numbers and hits the target, chain_sum compares numbers. The completion's answer is the content of its last
-``<answer>...</answer>`` (reasoning-gym's own convention, its ``extract_answer``), and
+A reasoning-gym problem (``dibs.data.gym``) carries a reference to its generator's entry (task, seed, size,
+options, index) and its answer as its gold; a worker regenerates the entry and scores with that dataset's own
+``score_answer``, so the scorer sees what it was written for, with the settings it was generated with: countdown
+checks that the expression uses the given numbers and hits the target, chain_sum compares numbers. The
+completion's answer is the content of its last ``<answer>...</answer>`` (reasoning-gym's own convention, its
+``extract_answer``), and
 
     r_i = 1  if the task's ``score_answer(answer_i, entry_i)`` >= ``accept_at`` (1.0: full credit),
     r_i = 0  otherwise.
@@ -16,6 +18,7 @@ scorer raised, or its worker died). reasoning-gym is imported by the workers onl
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -44,11 +47,15 @@ def extract_tagged(text: str) -> str | None:
     return matches[-1].group(1).strip() if matches else None
 
 
+_KEYS = ("task", "seed", "size", "options", "index", "answer")
+
+
 def read_gold(gold: str) -> dict[str, Any]:
-    """The entry a reasoning-gym problem carries (``{"task": ..., "entry": {...}}``), or a clear error."""
+    """The reference a reasoning-gym problem carries (``_KEYS``), or a clear error."""
     try:
         item = json.loads(gold)
-        item["task"], item["entry"]["answer"]  # noqa: B018 (the keys the scorer needs)
+        if not all(k in item for k in _KEYS):
+            raise KeyError
     except (ValueError, KeyError, TypeError):
         raise ValueError(
             f"reward=reasoning_gym scores reasoning-gym problems (data=reasoning_gym); this gold is not one: "
@@ -66,15 +73,31 @@ def _alarm(signum: int, frame: Any) -> None:
     raise _ScorerTimeout
 
 
+@functools.lru_cache(maxsize=16)
+def _dataset(task: str, seed: int, size: int, options: str) -> Any:
+    """The generator's dataset, built once per worker (items are generated on demand, by index)."""
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(task, seed=seed, size=size, **json.loads(options))
+
+
+@functools.lru_cache(maxsize=4096)
+def _entry(task: str, seed: int, size: int, options: str, index: int) -> Any:
+    return _dataset(task, seed, size, options)[index]
+
+
 def _gym_check(answer: str, gold: str, timeout_s: int, accept_at: float) -> str:
     """Status of one answer by its task's scorer, within ``timeout_s`` (SIGALRM, the worker's main thread)."""
-    from reasoning_gym import get_score_answer_fn
-
-    item = json.loads(gold)
+    ref = json.loads(gold)
+    key = (ref["task"], ref["seed"], ref["size"], json.dumps(ref["options"], sort_keys=True))
+    try:  # regenerated outside the scorer's time limit (the pool's hard limit still bounds it), once per entry
+        dataset, entry = _dataset(*key), _entry(*key, ref["index"])
+    except Exception:
+        return "error"
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout_s)
     try:
-        score = get_score_answer_fn(item["task"])(answer, item["entry"])
+        score = dataset.score_answer(answer, entry)
     except _ScorerTimeout:
         return "timeout"
     except Exception:  # a scorer that raises on a malformed answer: counted, never a crash
@@ -106,7 +129,7 @@ class GymVerifier(MathVerifier):
         self.accept_at = float(accept_at)
 
     def _triage(self, completion: str, gold: str) -> tuple[str | None, str, str]:
-        expected = str(read_gold(gold)["entry"]["answer"]).strip()
+        expected = str(read_gold(gold)["answer"]).strip()
         answer = extract_tagged(completion)
         if answer is None:
             return "no_answer", "", gold

@@ -2,11 +2,13 @@
 
 ``load_gym`` generates, for each task name, ``size`` training problems from ``seed`` and ``test_size`` held-out
 problems from a separate stream (``seed + 1_000_003``), leaving out any held-out question that is also in the
-training pool. Each problem carries its generator's entry (question, answer, metadata) as JSON in
-``Problem.check``, which ``dibs.core.gym_verifier.GymVerifier`` hands to the task's scorer. The tasks have no
+training pool. Each problem carries a reference to its generator's entry (task, seed, size, options, index) and
+its answer as JSON in ``Problem.check``; ``dibs.core.gym_verifier.GymVerifier``'s workers regenerate the entry
+and score with that dataset's own ``score_answer``, its settings included. The tasks have no
 worked solutions: the warm start trains on the answer alone, stated as the verifier reads it
 (``<answer>...</answer>``). Any task of reasoning-gym's registry can be named; generator settings go in
 ``options`` (``{chain_sum: {max_terms: 3}}``), as its ``create_dataset(name, seed=, size=, **options)`` takes them.
+Tasks whose entries have no answer (puzzles scored by checking a solution) are refused.
 """
 
 from __future__ import annotations
@@ -94,7 +96,11 @@ def _generate(
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"{where}: field 'question' is missing or empty")
         if answer is None or not str(answer).strip():
-            raise ValueError(f"{where}: field 'answer' is missing or empty (the task has no gold to score against)")
+            raise ValueError(
+                f"{where}: field 'answer' is missing or empty: tasks without a gold answer (their scorer checks a "
+                "solution against the puzzle, e.g. rubiks_cube, rush_hour) are not supported, since the warm start "
+                "needs an answer to train on"
+            )
         meta = entry.get("metadata") or {}
         if level_from == "task":
             level = name
@@ -105,25 +111,16 @@ def _generate(
                 f"data.source.level_from={level_from!r}: {where} has no such metadata key "
                 f"(it has {sorted(meta)}); use `task` or one of those"
             )
-        check = {"task": name, "entry": {"question": question, "answer": str(answer), "metadata": meta}}
+        # A reference, not a copy: the worker regenerates the entry (its metadata keeps its own types, tuples and
+        # integer keys included) and scores with this dataset's own settings.
+        ref = {"task": name, "seed": seed, "size": size, "options": settings, "index": i, "answer": str(answer)}
         problems.append(
             Problem(
                 uid=f"{name}-{split}-{i:06d}",
                 problem=question,
                 answer=str(answer),
                 level=level,
-                check=json.dumps(check, default=_plain),
+                check=json.dumps(ref, sort_keys=True),
             )
         )
     return problems
-
-
-def _plain(value: Any) -> Any:
-    """JSON for what entries' metadata may hold beyond JSON's types (sets, numpy scalars, tuples nested)."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return repr(value)

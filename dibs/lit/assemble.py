@@ -54,9 +54,12 @@ def prepare_policy(
         require_model_folder(model["path"])  # a wrong path fails before anything else runs
         if warmstart["steps"] <= 0:
             return load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
-    key = cache_key(
-        {"version": __version__, "task": key_settings, "model": model, "warmstart": warmstart, "template": template}
-    )
+    scorer = verifier()
+    settings = {"version": __version__, "task": key_settings, "model": model, "warmstart": warmstart}
+    settings["template"] = template
+    if any(not p.solution for p in task.train):  # answer-only SFT targets: their format is part of pi0
+        settings["answer_format"] = scorer.format_answer("{}")
+    key = cache_key(settings)
     folder = Path(cache_dir).expanduser() / "warmstart" / key
     cached = _wait_or_load(folder, DTYPES[model.get("dtype") or "float32"])
     if cached is not None:
@@ -69,7 +72,6 @@ def prepare_policy(
     _remove_stale_staging(folder.parent)
     staging = folder.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
-    scorer = verifier()
     if model.get("path"):
         policy, tokenizer = load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
     else:  # the answers the SFT states (problems without a worked solution) are part of the corpus

@@ -198,7 +198,7 @@ class EMDataModule(L.LightningDataModule):
         *,
         total_samples: int | None = None,
         world_size: int = 1,
-        generated: tuple[int, int] = (0, 0),
+        generated: tuple[int, int] | None = None,
     ) -> None:
         """This rank's training samples (may be empty); ``total_samples``: all ranks' (None: this rank's);
         ``generated``: the run's cumulative generated samples before and after this E-step (all ranks)."""
@@ -206,6 +206,8 @@ class EMDataModule(L.LightningDataModule):
         if self.update_accounting == "reference":
             self.updates = max(1, math.ceil(total / (self.rows_per_update * world_size)))
         elif self.update_accounting == "per_sample":
+            if generated is None:
+                raise ValueError("update_accounting=per_sample needs the cumulative samples generated (generated=)")
             before, after = generated
             self.updates = after // self.samples_per_update - before // self.samples_per_update
         else:

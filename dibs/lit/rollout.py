@@ -152,6 +152,8 @@ class RolloutCallback(L.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.totals.update(state["totals"])
+        if "samples_before" not in state["totals"]:  # an older checkpoint: no extra evaluation on resume
+            self.totals["samples_before"] = self.totals["samples"]
         if any("scores" not in e for e in state["evals"]) or "strategy" not in state:
             raise RuntimeError(
                 "this checkpoint was written by an older dibs (before per-benchmark scores and sampling strategies):"

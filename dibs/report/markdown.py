@@ -243,7 +243,12 @@ def _target(grid: Grid, data: dict[str, Any]) -> list[str]:
         at, ratio = r.get("mean_curve"), r.get("mean_curve_ratio")
         share = f"{100 * at / data['budget']['amount']:.0f}%" if at is not None and data["budget"]["amount"] else "–"
         mean_rows.append(
-            [label, f"{at:,.0f}" if at is not None else "not reached", share, f"{ratio:.2f}" if ratio else "n/a"]
+            [
+                label,
+                f"{at:,.0f}" if at is not None else "not reached",
+                share,
+                f"{ratio:.2f}" if ratio is not None else "n/a",
+            ]
         )
         speed = [r["speedup"][u] for u in COST_UNITS]
         row = [label, *(f"{v:.2f}×" if v is not None else "n/a" for v in speed), r["speedup_note"] or ""]
@@ -251,7 +256,11 @@ def _target(grid: Grid, data: dict[str, Any]) -> list[str]:
     lines = [
         "## Cost to reach the target",
         "",
-        f"Target: {100 * tgt['value']:.1f}% held-out accuracy ({tgt['rule']}).",
+        (
+            f"Target: {100 * tgt['value']:.1f}% held-out accuracy ({tgt['rule']})."
+            if tgt["value"] is not None
+            else f"Target: per configuration ({tgt['rule']})."
+        ),
         "",
         *table(["Configuration", "Seeds reached", *(UNIT_TITLES[u] for u in COST_UNITS)], rows),
         "",

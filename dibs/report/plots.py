@@ -78,14 +78,17 @@ def _config_lines(ax, grid: Grid, unit: str, series: Callable[[Curve], np.ndarra
             ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
 
 
-def plot_all(grid: Grid, out_dir: Path, target: float, budget_unit: str, budget_amount: float) -> dict[str, Path]:
+def plot_all(
+    grid: Grid, out_dir: Path, target: float | None, budget_unit: str, budget_amount: float
+) -> dict[str, Path]:
     """Write ``acc_vs_<unit>.png`` for every cost unit; returns unit -> file."""
     plt = _pyplot()
     files = {}
     for unit in COST_UNITS:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
         _config_lines(ax, grid, unit, lambda c: c.acc)
-        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.1f}%")
+        if target is not None:  # one target for the whole grid
+            ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.1f}%")
         if unit == budget_unit:
             ax.axvline(budget_amount, color="grey", linestyle=":", linewidth=1, label="budget")
         ax.set_xlabel(AXIS_LABELS[unit])

@@ -821,23 +821,31 @@ def test_baseline_final_target_and_the_mean_curve(tmp_path):
     assert "| algo=raftpp | 50 | 25% | 0.25 |" in text and "| algo=raft | 200 | 100% | 1.00 |" in text
 
 
-def test_a_baseline_final_target_with_several_baselines_is_refused(tmp_path):
+def test_a_baseline_final_target_per_regime_when_a_grid_holds_several(tmp_path):
+    # two values of lr (two "regimes") x algo: each configuration's target is the mean final accuracy of the raft
+    # run with its own lr; the lr=2 runs end 0.1 higher, so their target is 0.45 where lr=1's is 0.35
     grid = tmp_path / "grid"
     write_multirun(grid, ["+grid=toy"], params="{algo: 'raft,raftpp', lr: '1,2', seed: '0,1'}")
     for algo, seed in CURVES:
         for lr in (1, 2):
-            write_run(
+            run = write_run(
                 grid,
                 algo,
                 seed,
                 name=f"algo={algo},lr={lr},seed={seed}",
                 overrides=[f"algo={algo}", f"lr={lr}", f"seed={seed}", "+grid=toy"],
+                events=False,
                 **{"grid.target": "baseline_final", "algo.lr": lr},
             )
-    with pytest.raises(
-        ReportError, match="grid.target=baseline_final needs one baseline configuration, this grid has 2"
-    ):
-        build_report(grid, axes=["algo", "lr", "seed"])
+            samples, acc = CURVES[(algo, seed)]
+            write_events(run / "tb", samples, [a + 0.1 * (lr - 1) for a in acc])
+    text = build_report(grid, axes=["algo", "lr", "seed"]).read_text()
+    numbers = json.loads((grid / "report" / "report.json").read_text())
+    per = numbers["target"]["per_configuration"]
+    assert numbers["target"]["value"] is None and "Target: per configuration" in text
+    assert per["algo=raftpp, lr=1"] == pytest.approx(0.35) and per["algo=raftpp, lr=2"] == pytest.approx(0.45)
+    reach = numbers["target_cost"]
+    assert reach["algo=raft, lr=2"]["mean_curve"] == 200 and reach["algo=raftpp, lr=2"]["mean_curve"] == 50
 
 
 def test_sampling_diagnostics_of_every_strategy(tmp_path):
