@@ -109,6 +109,7 @@ def main(cfg: DictConfig) -> float:
         max_prompt_tokens=cfg.max_prompt_tokens,
         eval_sampling=eval_sampling,
         verifier=lambda: instantiate(cfg.reward),
+        pool_size=cfg.pool_size,
     )
     evaluation = build_eval_plan(
         plain(cfg.eval),

@@ -141,6 +141,7 @@ class Warmstart(_Closed):
     schedule: Literal["constant", "cosine"]
     lr: float = Field(ge=0)
     seed: int
+    skip_pool: bool
 
     @model_validator(mode="after")
     def _an_sft_needs_its_settings(self) -> Warmstart:

@@ -47,15 +47,22 @@ def prepare_policy(
     max_prompt_tokens: int,
     eval_sampling: SamplingParams,
     verifier: Callable[[], Any],
+    pool_size: int | None,
 ):
     """Returns (policy, tokenizer). ``model`` holds the model config group; ``warmstart`` the SFT group;
-    ``verifier`` builds the run's verifier (the ``reward`` group) for the warm start's accuracy probe."""
+    ``verifier`` builds the run's verifier (the ``reward`` group) for the warm start's accuracy probe;
+    ``pool_size`` the RL pool (the first problems of the split), which ``warmstart.skip_pool`` leaves out of
+    the SFT."""
+    skip = (pool_size or 0) if warmstart["skip_pool"] else 0
     if model.get("path"):
         require_model_folder(model["path"])  # a wrong path fails before anything else runs
         if warmstart["steps"] <= 0:
             return load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
     scorer = verifier()
-    settings = {"version": __version__, "task": key_settings, "model": model, "warmstart": warmstart}
+    keyed = {k: v for k, v in warmstart.items() if k != "skip_pool"}  # keys of earlier caches stay valid
+    settings = {"version": __version__, "task": key_settings, "model": model, "warmstart": keyed}
+    if skip:
+        settings["sft_skips_pool"] = skip
     settings["template"] = template
     if any(not p.solution for p in task.train):  # answer-only SFT targets: their format is part of pi0
         settings["answer_format"] = scorer.format_answer("{}")
@@ -82,7 +89,9 @@ def prepare_policy(
         f"pi0: SFT warm start of a {count_parameters(policy) / 1e6:.2f}M-parameter policy "
         f"({warmstart['steps']} steps max, stop at {100 * warmstart['target_accuracy']:.0f}% accuracy)"
     )
-    report = _run_sft(policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling, scorer)
+    report = _run_sft(
+        policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling, scorer, skip
+    )
     info(
         f"pi0: SFT stopped by {report.stopped_by} after {report.steps} steps ({report.seconds:.0f}s), "
         f"{_accuracy(report)}; cached in {folder}"
@@ -118,14 +127,14 @@ def _remove_stale_staging(cache: Path, max_age_s: float = 86_400) -> None:
 
 
 def _run_sft(
-    policy, tokenizer, task, template, warmstart, out_dir, max_prompt_tokens, eval_sampling, verifier
+    policy, tokenizer, task, template, warmstart, out_dir, max_prompt_tokens, eval_sampling, verifier, skip
 ) -> WarmStartReport:
     # Without a held-out split, the stop rule probes the pool's tail, which the SFT then leaves out.
     held_out = task.test or task.train[-warmstart["eval_problems"] :]
     probed = set() if task.test else {p.uid for p in held_out}
     # A problem without a worked solution (reasoning-gym's tasks, a JSONL of answers only) is trained on its
     # answer alone, stated the way the run's verifier reads it (\boxed{} or <answer> tags).
-    trained = [p for p in task.train if p.uid not in probed]
+    trained = [p for p in task.train[skip:] if p.uid not in probed]  # skip: the RL pool, when left out
     if not trained:
         raise ValueError("warmstart.steps > 0 but the training split has no problem to SFT on")
     answer_only = sum(not p.solution for p in trained)
