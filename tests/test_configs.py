@@ -115,7 +115,11 @@ def test_every_grid_composes_and_names_existing_axes(grid, tmp_path):
             assert not missing, f"{grid}: {key} has no option {sorted(missing)}"
         else:
             assert OmegaConf.select(default, key.lstrip("+~"), default="<absent>") != "<absent>", key
-    assert sum(v is not None for v in cfg.budget.values()) == 1, "a grid compares methods at equal cost"
+    # the budget may come with a preset of the grid's `experiment` axis (the arena's regimes): each one has one
+    presets = str(axes.get("experiment", "")).split(",") if "experiment" in axes else [None]
+    for preset in presets:
+        composed = compose_with([f"+grid={grid}"] + ([f"experiment={preset}"] if preset else []))
+        assert sum(v is not None for v in composed.budget.values()) == 1, f"{grid} {preset}: equal cost needs a budget"
 
 
 def test_grids_were_found():

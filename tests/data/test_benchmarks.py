@@ -27,7 +27,7 @@ def load(names, tokenizer, **kw):
 
 # ---- templates ---------------------------------------------------------------------------------------------
 def test_the_named_templates_exist():
-    assert set(TEMPLATES) == {"none", "paper", "qwen25-math-cot", "qwen-boxed", "think"}
+    assert set(TEMPLATES) == {"none", "paper", "qwen25-math-cot", "qwen-boxed", "think", "answer_tags"}
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
