@@ -121,7 +121,10 @@ class EStep:
                 )
             rounds.append(self._round(request, counts, prompts, times))
             drawn += int(counts.sum())
-            request = strategy.next(rounds[-1].tally) if drawn < cap else None
+            # every round is shown to the strategy, the one that spends the cap included (its bookkeeping: the
+            # kept groups, the visit history); what it asks for after the cap is not drawn
+            request = strategy.next(rounds[-1].tally)
+            request = request if drawn < cap else None
 
         # the samples that train, prompt by prompt, round by round
         kept: list[list[tuple[Completion, float, str]]] = []

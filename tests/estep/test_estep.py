@@ -200,7 +200,8 @@ def test_the_iteration_stops_at_the_strategys_sample_cap(tiny_model, tokenizer, 
     strategy = Greedy()
     result = e_step(strategy, tiny_model, tokenizer).run(0, prompts)
     assert len(result.rounds) == 1 and result.rounds[0].counts.tolist() == [2] * 6  # 30 asked, trimmed to 12
-    assert result.metrics["rollout/generated_samples"] == 12 and strategy.rounds == []
+    assert result.metrics["rollout/generated_samples"] == 12
+    assert [r.tolist() for r in strategy.rounds] == [[2] * 6]  # the trimmed round is shown, its next request dropped
 
 
 def test_uniform_is_one_round_and_the_same_samples_for_the_same_seed(tiny_model, tokenizer, prompts):
@@ -255,3 +256,26 @@ def test_every_shipped_strategy_stops_at_a_budget_limit_cut_mid_round(name, limi
     result = step.run(1, prompts, limit=limit)
     assert result.metrics["rollout/generated_samples"] == sum(int(r.counts.sum()) for r in result.rounds) == limit
     assert result.metrics["rollout/samples"] == len(result.samples) <= limit
+
+
+def test_every_round_reaches_the_strategy_the_one_that_spends_the_cap_included(tiny_model, tokenizer, prompts):
+    """Knapsack-RL's only round always spends its cap (B = n x prompts): its visit history must still grow, so
+    that a prompt seen often enough is allocated by the knapsack, not uniformly."""
+    strategy = instantiate(OmegaConf.load(CONF / "knapsack.yaml"))  # min_history 8: valid from the third visit
+    step = e_step(strategy, tiny_model, tokenizer, algorithm=ALGORITHMS["grpo"])
+    counts = [step.run(iteration, prompts).rounds[0].counts.tolist() for iteration in range(3)]
+    assert all(sum(c) == strategy.max_samples(6) for c in counts)
+    assert counts[0] == counts[1] == [4] * 6  # first and second visits: fewer than 8 samples of history each
+    assert all(sum(m for m, _ in strategy.visits[100 + j]) == 8 + counts[2][j] for j in range(6))  # every visit
+    assert counts[2] != [4] * 6  # the knapsack's own counts on the third visit
+
+
+def test_dynamic_sampling_keeps_the_groups_of_the_round_that_spends_its_cap(tiny_model, tokenizer, prompts):
+    from dibs.core.sampling import DynamicSampling
+
+    # one batch of all 6 prompts spends the cap at once: its unequal groups must still train
+    strategy = DynamicSampling(n_per_prompt=4, batch_prompts=6, train_prompts=6)
+    result = e_step(strategy, tiny_model, tokenizer, algorithm=ALGORITHMS["grpo"]).run(0, prompts)
+    unequal = [0 < int(h) < int(m) for m, h in zip(result.rounds[0].tally.samples, result.rounds[0].tally.hits)]
+    assert any(unequal) and strategy._kept.tolist() == unequal
+    assert result.metrics["rollout/samples"] == 4 * sum(unequal)

@@ -2,9 +2,11 @@
 
 An E-step (``dibs.estep.step``) asks a strategy for a first round of samples, draws them, verifies them and shows
 the strategy what came back; the strategy answers with the next round or with ``None`` (stop). Every sample of
-every round is counted; the E-step also stops when the strategy's ``max_samples`` for the iteration is spent
-(trimming a round that would overshoot, largest requests first, ``fit_to_budget``). Then the strategy says, for
-each prompt, which of its samples the M-step trains on (``keep``).
+every round is counted; the E-step also stops when the strategy's ``max_samples`` for the iteration (or what is
+left of a sample budget) is spent, trimming a round that would overshoot, largest requests first
+(``fit_to_budget``). Every round drawn is shown to ``next``, the one that spends the cap included, so the
+strategy's bookkeeping (kept groups, visit histories) sees all of them; a request made after the cap is not
+drawn. Then the strategy says, for each prompt, which of its samples the M-step trains on (``keep``).
 
 Everything a strategy sees is global: one entry per prompt of the iteration, summed over ranks
 (``RoundTally``), so every rank takes the same decision without further communication. Strategies are pure
