@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dibs.core.tags import ALLOC_TAGS, SAMPLING_TAGS
+from dibs.report.cells import UNIT_TITLES, amount, cost, pct, table
+from dibs.report.estep_table import ALLOC_COLUMNS, estep_section
 from dibs.report.events import level_names
 from dibs.report.grid import COST_UNITS, Grid, format_value
 from dibs.report.plots import BAND, UNIT_NAMES
@@ -42,53 +43,6 @@ SETTINGS = (
     "rollout.sampling.max_new_tokens",
     "warmstart.steps",
 )
-UNIT_TITLES = {"samples": "Samples", "tokens": "Tokens", "updates": "Updates", "wall_s": "Wall (s)"}
-SAMPLING_COLUMNS = {  # the E-step table's columns logged by every strategy: title, cell format
-    "sampling/samples_per_prompt": ("Samples / prompt", ".2f"),
-    "sampling/max_per_prompt": ("Max / prompt", ".1f"),
-    "sampling/zero_sample_frac": ("Prompts without a sample (%)", "pct"),
-    "rollout/equal_reward_frac": ("Equal-reward samples (%)", "pct"),
-}
-ALLOC_COLUMNS = {  # the E-step table's alloc/* columns: title, cell format (what each is: dibs.core.tags)
-    "alloc/zero_frac": ("Zero-sample prompts (%)", "pct"),
-    "alloc/gini": ("Gini", ".3f"),
-    "alloc/variance_vs_uniform": ("Variance vs uniform", ".3f"),
-    "alloc/pilot_unsolved_frac": ("Pilot-unsolved (%)", "pct"),
-    "alloc/predicted_accept": ("Predicted accept (%)", "pct"),
-    "alloc/realised_accept": ("Realised accept (%)", "pct"),
-}
-
-
-# ---- cell formatting --------------------------------------------------------------------------------------------
-def _pm(s: dict[str, Any], fmt: str, scale: float = 1.0, sign: bool = False) -> str:
-    if not s["n"]:
-        return "–"
-    spec = ("+" if sign else "") + fmt
-    mean = format(scale * s["mean"], spec)
-    return mean if s["std"] is None else f"{mean} ± {format(scale * s['std'], fmt)}"
-
-
-def pct(s: dict[str, Any], sign: bool = False) -> str:
-    return _pm(s, ".1f", 100.0, sign)
-
-
-def cost(s: dict[str, Any], unit: str) -> str:
-    return _pm(s, ",.1f" if unit == "wall_s" else ",.0f")
-
-
-def amount(value: float, unit: str) -> str:
-    return f"{value:,.1f}" if unit == "wall_s" else f"{value:,.0f}"
-
-
-def table(header: list[str], rows: list[list[str]], align: str = "l") -> list[str]:
-    """A GitHub table; ``align`` gives l/r per column (labels left), the columns past it align right (numbers)."""
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    align = align.ljust(len(header), "r")
-    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
-    return [line(header), rule, *(line(r) for r in rows)]
 
 
 # ---- sections ---------------------------------------------------------------------------------------------------
@@ -318,57 +272,6 @@ def _plots(grid: Grid, data: dict[str, Any], plots: dict[str, str]) -> list[str]
     return lines[:-1]
 
 
-def _estep(grid: Grid, data: dict[str, Any]) -> list[str]:
-    """Per configuration: generated samples, the pilot's share, accepted samples per iteration and the means of the
-    alloc/* scalars (columns left out when no run logs them; "–" for a configuration that does not)."""
-    estep = data["estep"]
-    tags = [tag for tag in estep["alloc_tags"] if tag in ALLOC_COLUMNS]
-    sampled = [tag for tag in SAMPLING_COLUMNS if tag in estep.get("sampling_tags", [])]
-    header = ["Configuration", "Generated samples", "Pilot share (%)", "Accepted / iteration"]
-    header += [SAMPLING_COLUMNS[tag][0] for tag in sampled] + [ALLOC_COLUMNS[tag][0] for tag in tags]
-    rows = []
-    for label in grid.configurations:
-        row = estep["configurations"][label]
-        cells = [label, cost(row["generated_samples"], "samples"), pct(row["pilot_share"])]
-        cells.append(_pm(row["accepted_per_iteration"], ",.1f"))
-        for tag in sampled:
-            fmt = SAMPLING_COLUMNS[tag][1]
-            value = row["sampling"][tag]
-            cells.append(pct(value) if fmt == "pct" else _pm(value, fmt))
-        for tag in tags:
-            fmt = ALLOC_COLUMNS[tag][1]
-            cells.append(pct(row["alloc"][tag]) if fmt == "pct" else _pm(row["alloc"][tag], fmt))
-        rows.append(cells)
-    lines = [
-        "## E-step diagnostics",
-        "",
-        *table(header, rows),
-        "",
-        "Each cell is a per-run number, then mean ± std over seeds; a mean over iterations counts each EM iteration "
-        "once (a resumed run's re-run iteration keeps its latest values) and skips iterations where the scalar is "
-        "NaN.",
-        "",
-        "- *Generated samples*: the run's final `cost/samples`, every sample generated for training, the allocation "
-        "pilot included.",
-        "- *Pilot share*: the run's last `pilot/samples_cum` divided by its generated samples (0 for a run without a "
-        "pilot).",
-        "- *Accepted / iteration*: the mean over iterations of `rollout/accept_rate` × `rollout/samples`, the number "
-        "of an iteration's training samples that the verifier accepted.",
-    ]
-    lines += [
-        f"- *{SAMPLING_COLUMNS[tag][0]}*: the mean over iterations of {SAMPLING_TAGS[tag]} (`{tag}`)."
-        for tag in sampled
-    ]
-    lines += [f"- *{ALLOC_COLUMNS[tag][0]}*: the mean over iterations of {ALLOC_TAGS[tag]} (`{tag}`)." for tag in tags]
-    if tags:
-        lines.append("")
-        lines.append(
-            "The alloc/* scalars are logged by GVM allocation runs only: – marks a configuration that does not log "
-            "them (uniform allocation)."
-        )
-    return lines
-
-
 def _runs(grid: Grid, data: dict[str, Any]) -> list[str]:
     unit = data["budget"]["unit"]
     rows = [
@@ -390,5 +293,5 @@ def _runs(grid: Grid, data: dict[str, Any]) -> list[str]:
 def render(grid: Grid, data: dict[str, Any], plots: dict[str, str]) -> str:
     """The whole report; ``plots`` maps a cost unit to its PNG's path relative to report.md."""
     parts = [_header(grid, data), _final(grid, data), _fractions(grid, data), _per_level(grid, data)]
-    parts += [_target(grid, data), _plots(grid, data, plots), _estep(grid, data), _runs(grid, data)]
+    parts += [_target(grid, data), _plots(grid, data, plots), estep_section(grid, data), _runs(grid, data)]
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
