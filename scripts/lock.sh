@@ -11,7 +11,7 @@ trap 'rm -rf "$tmp"' EXIT
 "$PYTHON" -m venv "$tmp/venv"
 pip() { "$tmp/venv/bin/python" -m pip "$@"; }
 pip install -q "torch==$TORCH_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu
-pip install -q ".[dev]"
+pip install -q ".[dev,bench]"  # bench pinned too: `pip install -c requirements-lock.txt -e ".[bench]"`
 {
   echo "# Exact versions of every dependency of dibs and its dev extra, resolved by scripts/lock.sh ($(date -u +%Y-%m-%d),"
   echo "# $("$tmp/venv/bin/python" -c 'import sys; print(f"Python {sys.version_info[0]}.{sys.version_info[1]}")'), $(uname -m))."
