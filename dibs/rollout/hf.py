@@ -2,11 +2,19 @@
 
 Every prompt is repeated n_i times as separate rows (so prompts may get different numbers of samples),
 rows are sorted by prompt length and cut into chunks of at most ``token_budget`` padded tokens, and each
-chunk is one left-padded ``model.generate`` call. Per-token log-probs come from one teacher-forced pass
-over the finished sequences (right-padded, the layout the trainer uses), which costs far less memory than
-keeping [rows, steps, vocab] scores during generation. Asked for ``head_grad_norms``, the same pass also
-gives each sample's output-projection gradient norm in closed form (GVM's G_i w.r.t. lm_head): the output
-projection's input is caught by a forward hook, so no second forward runs.
+chunk is sampled left-padded by one of two decoders:
+
+- ``decoder="loop"`` (the default): the kit's own decode loop (``dibs.rollout.decode``), with a KV cache,
+  finished rows dropped from the batch at once and each drawn token's log-prob read from the sampler's own
+  softmax, so no second forward runs.
+- ``decoder="generate"``: one ``model.generate`` call per chunk, which keeps finished rows until the chunk's
+  longest row ends, then a teacher-forced pass over the finished sequences (right-padded, the layout the
+  trainer uses) for the log-probs.
+
+Both sample the same distribution (temperature, then top-k, then top-p, with ``transformers``' rules).
+Asked for ``head_grad_norms``, a teacher-forced pass runs after either decoder and gives each sample's
+output-projection gradient norm in closed form (GVM's G_i w.r.t. lm_head): the output projection's input is
+caught by a forward hook, so that pass needs no second forward.
 """
 
 from __future__ import annotations
@@ -21,14 +29,22 @@ from dibs.core.batching import chunk_by_tokens, pad_left, pad_right
 from dibs.core.grad_norms import head_grad_norms as closed_form_head_norms
 from dibs.core.logprobs import sequence_logprobs
 from dibs.rollout.base import Completion, SamplingParams
+from dibs.rollout.decode import decode
+
+DECODERS = ("loop", "generate")
 
 __all__ = ["HFGenerator"]
 
 
 class HFGenerator:
-    """Owns its own copy of the policy; the trainer pushes fresh weights with ``load_weights``."""
+    """Owns its own copy of the policy; the trainer pushes fresh weights with ``load_weights``.
+
+    Its log-probs come from the policy's own module class, weights and dtype (a deep copy, refreshed before
+    every E-step), so where the trainer computes in that same precision they are the trainer's up to float
+    rounding: ``logprobs_are_trainers`` lets ``algo.recompute_old_logprobs=auto`` skip recomputing them."""
 
     measures_head_grad_norms = True
+    logprobs_are_trainers = True
 
     def __init__(
         self,
@@ -37,7 +53,11 @@ class HFGenerator:
         *,
         token_budget: int,
         show_progress: bool,
+        decoder: str = "loop",
     ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"rollout.generator.decoder={decoder!r} is not one of {', '.join(DECODERS)}")
+        self.decoder = decoder
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         # Neutral defaults: a checkpoint's generation_config.json (repetition penalty, top_p, ...) must never
         # leak into sampling, so every value generate() might fill in is set here or in SamplingParams.
@@ -101,6 +121,19 @@ class HFGenerator:
     ) -> list[Completion]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         ids, mask = pad_left([prompts[i] for i in members], pad)
+        chosen = [prompts[i] for i in members]
+        if self.decoder == "loop":
+            out = decode(
+                self.model, ids.to(self.device), mask.to(self.device), sampling, eos_token_id=eos, pad_token_id=pad
+            )
+            lengths = out.lengths.tolist()
+            tokens, decoded_logprobs = out.tokens.cpu(), out.logprobs.cpu()
+            responses = [tokens[k, :n].clone() for k, n in enumerate(lengths)]
+            logprobs = [decoded_logprobs[k, :n].clone() for k, n in enumerate(lengths)]
+            norms: list[float | None] = [None] * len(members)
+            if head_grad_norms:  # the closed form needs every position's hidden state: one teacher-forced pass
+                _, norms = self._logprobs(chosen, responses, sampling.temperature, head_grad_norms)
+            return self._completions(responses, logprobs, norms)
         out = self.model.generate(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -113,8 +146,13 @@ class HFGenerator:
             eos_token_id=eos,
         ).cpu()  # [R, Lp + T]
         responses = [_cut_at_eos(row, eos) for row in out[:, ids.shape[1] :]]
-        chosen = [prompts[i] for i in members]
         logprobs, norms = self._logprobs(chosen, responses, sampling.temperature, head_grad_norms)
+        return self._completions(responses, logprobs, norms)
+
+    def _completions(
+        self, responses: list[torch.Tensor], logprobs: list[torch.Tensor], norms: list[float | None]
+    ) -> list[Completion]:
+        eos = self.tokenizer.eos_token_id
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return [
             Completion(r, lp, t, "stop" if len(r) and r[-1] == eos else "length", g)
