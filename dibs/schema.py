@@ -109,7 +109,7 @@ class Algo(_Open):
     betas: tuple[float, float]
     temperature: float = Field(gt=0)
     keep_rejected: bool
-    recompute_old_logprobs: bool
+    recompute_old_logprobs: bool | Literal["auto"]
     filter_equal_groups: bool
 
 
@@ -207,6 +207,15 @@ class Config(_Open):
     samples_per_update: int = Field(ge=1)
     max_prompt_tokens: int = Field(ge=1)
     activation_checkpointing: bool
+    threads: Any = "auto"  # auto or a number of torch threads (dibs.launch)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"{value!r} is neither auto nor a number of threads >= 1")
+
     cache_dir: str
     ckpt_path: str | None
     checkpoint: Checkpointing

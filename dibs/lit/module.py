@@ -120,12 +120,14 @@ class EMModule(L.LightningModule):
         return self.reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs [B, L-1] of the policy and of the reference (None without KL): the E-step's old and
-        reference log-probs, by the same ``sequence_logprobs`` as ``training_step``, so the ratio of the
-        first update is 1. A collective under FSDP2: every rank must call it as often."""
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, policy: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs [B, L-1] of the policy (None when ``policy`` is false) and of the reference (None without
+        KL): the E-step's old and reference log-probs, by the same ``sequence_logprobs`` as ``training_step``,
+        so the ratio of the first update is 1. A collective under FSDP2: every rank must call it as often."""
         temperature = self.hparams.temperature
-        logp = sequence_logprobs(self._forward, input_ids, attention_mask, temperature)
+        logp = sequence_logprobs(self._forward, input_ids, attention_mask, temperature) if policy else None
         if self.reference is None:
             return logp, None
         return logp, sequence_logprobs(self._reference_forward, input_ids, attention_mask, temperature)

@@ -38,7 +38,20 @@ from dibs.lit.scoring import score_trajectories
 from dibs.lit.weights import export_policy, iter_full_tensors
 from dibs.rollout.base import Generator, SamplingParams
 
-__all__ = ["RolloutCallback"]
+__all__ = ["RolloutCallback", "sampler_logprobs_are_trainers"]
+
+FULL_PRECISION = ("32-true", "32", "64-true", "64")
+
+
+def sampler_logprobs_are_trainers(generator: Generator, module: L.LightningModule, trainer: L.Trainer) -> bool:
+    """True where the generator's log-probs are the training policy's own computation: a backend that runs the
+    policy's module class on a copy of its weights refreshed before every E-step (``logprobs_are_trainers``),
+    in the policy's dtype, under a trainer that computes in that same precision (no autocast). They then differ
+    from a recomputation only by float rounding, and ``algo.recompute_old_logprobs=auto`` skips it."""
+    if not getattr(generator, "logprobs_are_trainers", False) or str(trainer.precision) not in FULL_PRECISION:
+        return False
+    sampler = next(generator.model.parameters()).dtype
+    return all(p.dtype == sampler for p in module.policy.parameters())
 
 
 class RolloutCallback(L.Callback):
@@ -52,7 +65,7 @@ class RolloutCallback(L.Callback):
         algorithm: Algorithm,
         sampling: SamplingParams,
         keep_rejected: bool,
-        recompute_old_logprobs: bool,
+        recompute_old_logprobs: bool | str,
         filter_equal_groups: bool,
         seed: int,
         evaluation: EvalPlan | None = None,
@@ -61,10 +74,12 @@ class RolloutCallback(L.Callback):
         text_samples: int = 3,
         grad_token_budget: int = 16384,
     ) -> None:
-        if getattr(generator, "logprob_check_threshold", None) is not None and not recompute_old_logprobs:
+        if recompute_old_logprobs not in (True, False, "auto"):
+            raise ValueError(f"algo.recompute_old_logprobs={recompute_old_logprobs!r} is not true, false or auto")
+        if getattr(generator, "logprob_check_threshold", None) is not None and recompute_old_logprobs is False:
             raise ValueError(
                 "the generator's log-prob self-check compares its log-probs with the trainer's, which only "
-                "algo.recompute_old_logprobs=true computes: set it (the default of every algo)"
+                "algo.recompute_old_logprobs=true (or auto) computes: set it"
             )
         check_keep_rejected(algorithm, keep_rejected, strategy)  # before any work, not when the fit starts
         self.generator, self.verifier, self.strategy, self.tokenizer = generator, verifier, strategy, tokenizer
@@ -186,14 +201,22 @@ class RolloutCallback(L.Callback):
                 generator=self.generator,
             )
         scorer = None
-        if self.recompute_old_logprobs or getattr(module, "reference", None) is not None:
+        recompute = self.recompute_old_logprobs
+        if recompute == "auto":
+            recompute = not sampler_logprobs_are_trainers(self.generator, module, trainer)
+            if not recompute:
+                info(
+                    "old log-probs: the sampler's own (the policy's weights, precision and backend); "
+                    "algo.recompute_old_logprobs=true recomputes and checks them"
+                )
+        if recompute or getattr(module, "reference", None) is not None:
             scorer = partial(
                 score_trajectories,
                 trainer,
                 module,
                 rows_per_forward=module.hparams.micro_batch_size or dm.rows_per_update,
                 pad_id=dm.pad_id,
-                replace_old=self.recompute_old_logprobs,
+                replace_old=recompute,
             )
         return EStep(
             self.generator,

@@ -50,19 +50,23 @@ def score_trajectories(
         pairs = [(rows[j].prompt_ids, rows[j].response_ids) for j in chunk] or dummy
         ids, mask = pad_right([torch.cat(pair) for pair in pairs], pad_id)  # [b, L]
         with trainer.precision_plugin.forward_context():  # the precision training_step runs in (bf16 autocast)
-            logp, ref = module.score(ids.to(device), mask.to(device))  # [b, L-1] each, ref None without KL
+            logp, ref = module.score(ids.to(device), mask.to(device), policy=replace_old)  # [b, L-1], None if not asked
         for row, j in enumerate(chunk):
             t = rows[j]
             cols = slice(len(t.prompt_ids) - 1, len(t.prompt_ids) - 1 + len(t.response_ids))  # response targets
-            mine = logp[row, cols].float().cpu()  # [T]
-            gap = (mine - t.sampler_logprobs).abs()  # [T]
-            gap_sum, tokens = gap_sum + float(gap.sum()), tokens + len(gap)
-            gap_max = max(gap_max, float(gap.max())) if len(gap) else gap_max
+            mine = t.old_logprobs
+            if replace_old:
+                mine = logp[row, cols].float().cpu()  # [T]
+                gap = (mine - t.sampler_logprobs).abs()  # [T]
+                gap_sum, tokens = gap_sum + float(gap.sum()), tokens + len(gap)
+                gap_max = max(gap_max, float(gap.max())) if len(gap) else gap_max
             rows[j] = dataclasses.replace(
                 t,
-                old_logprobs=mine if replace_old else t.old_logprobs,
+                old_logprobs=mine,
                 ref_logprobs=None if ref is None else ref[row, cols].float().cpu(),
             )
+    if not replace_old:  # nothing recomputed: no gap to report
+        return rows, {}
     local = np.zeros(2 + trainer.world_size)
     local[0], local[1], local[2 + trainer.global_rank] = gap_sum, tokens, gap_max
     total = reduce_sum(trainer, local)

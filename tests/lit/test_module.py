@@ -201,11 +201,31 @@ def test_without_recompute_the_sampler_logprobs_stay_the_old_ones(tokenizer, tin
     pad = tokenizer.pad_token_id
     items = trajectories(pad)
     module = make(copy.deepcopy(tiny_model), **ARGS, loss="grpo", kl_coef=0.1)  # the pass still runs for KL
-    scored, _ = score_trajectories(plain_trainer(), module, items, rows_per_forward=4, pad_id=pad, replace_old=False)
+    calls = []
+    forward = module._forward
+    module._forward = lambda *a: calls.append(1) or forward(*a)
+    scored, gap = score_trajectories(plain_trainer(), module, items, rows_per_forward=4, pad_id=pad, replace_old=False)
+    module._forward = forward
+    assert calls == [] and gap == {}  # only the reference ran: no policy forward, no gap to report
     assert all(torch.equal(s.old_logprobs, t.sampler_logprobs) for s, t in zip(scored, items))
     assert all(not torch.equal(s.ref_logprobs, t.ref_logprobs) for s, t in zip(scored, items))  # filled in
     _, metrics = fit(module, [collate_trajectories(scored, pad)])
     assert abs(metrics["train/ratio"] - 1.0) > 0.05  # the made-up sampler log-probs are far from the policy's
+
+
+def test_auto_takes_the_sampler_logprobs_only_where_they_are_the_trainers_computation(tokenizer, tiny_model):
+    from dibs.lit.rollout import sampler_logprobs_are_trainers
+    from dibs.rollout.hf import HFGenerator
+
+    module = make(copy.deepcopy(tiny_model), **ARGS, loss="grpo", kl_coef=0.0)
+    gen = HFGenerator(tiny_model, tokenizer, token_budget=100, show_progress=False)
+    assert sampler_logprobs_are_trainers(gen, module, plain_trainer())
+    bf16 = L.Trainer(accelerator="cpu", devices=1, logger=False, precision="bf16-mixed")
+    assert not sampler_logprobs_are_trainers(gen, module, bf16)  # the trainer computes under autocast
+    gen.model.to(torch.bfloat16)
+    assert not sampler_logprobs_are_trainers(gen, module, plain_trainer())  # the sampler in another dtype
+    other = type("Engine", (), {"model": gen.model})()  # a backend that does not declare it (vLLM)
+    assert not sampler_logprobs_are_trainers(other, module, plain_trainer())
 
 
 def test_no_reference_is_kept_without_kl(tiny_model):
