@@ -99,6 +99,10 @@ def main(cfg: DictConfig) -> float:
     check_benchmarks(cfg.eval.benchmarks, benchmarks["sets"], dir=benchmarks["dir"], has_held_out=bool(task.test))
     template = PromptTemplate(**plain(cfg.template))
     sampling, eval_sampling = SamplingParams(**plain(cfg.rollout.sampling)), SamplingParams(**plain(cfg.eval.sampling))
+    # The run's one verifier (one per process): its workers start now, in the background, during the warm start,
+    # then serve its accuracy probe, every E-step and every evaluation; closed at the end of the run.
+    verifier = instantiate(cfg.reward)
+    verifier.start()
     policy, tokenizer = prepare_policy(
         task,
         template=template,
@@ -108,7 +112,7 @@ def main(cfg: DictConfig) -> float:
         cache_dir=cfg.cache_dir,
         max_prompt_tokens=cfg.max_prompt_tokens,
         eval_sampling=eval_sampling,
-        verifier=lambda: instantiate(cfg.reward),
+        verifier=verifier,
         pool_size=cfg.pool_size,
     )
     evaluation = build_eval_plan(
@@ -121,7 +125,7 @@ def main(cfg: DictConfig) -> float:
     )
     rollout = RolloutCallback(
         instantiate(cfg.rollout.generator)(model=policy, tokenizer=tokenizer),
-        instantiate(cfg.reward),
+        verifier,
         strategy,
         tokenizer,
         algorithm=algorithm,

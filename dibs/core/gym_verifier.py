@@ -14,6 +14,10 @@ Statuses are the math verifier's (``dibs.core.verifier.STATUSES``): ``exact`` (t
 string, no subprocess), ``verified`` / ``rejected`` (the scorer's verdict), ``no_answer`` (no closed answer
 tag), ``too_long``, ``timeout`` (the scorer ran past ``timeout_s``, or the pool's hard limit) and ``error`` (the
 scorer raised, or its worker died). reasoning-gym is imported by the workers only, once each at start-up.
+
+The math verifier's pool handling applies unchanged (``start()``, one pool for the run, the outcome cache). A
+cached outcome is keyed on all a worker is sent (``_task_args``): the answer, the whole task reference (task,
+seed, size, options, index, answer), ``timeout_s`` and ``accept_at``, so one answer to two entries is two keys.
 """
 
 from __future__ import annotations
@@ -116,13 +120,21 @@ class GymVerifier(MathVerifier):
     _init_fn = staticmethod(_init_worker)
 
     def __init__(
-        self, *, num_workers: int, timeout_s: int, hard_timeout_s: float, max_answer_chars: int, accept_at: float
+        self,
+        *,
+        num_workers: int,
+        timeout_s: int,
+        hard_timeout_s: float,
+        max_answer_chars: int,
+        accept_at: float,
+        cache_size: int = 100_000,
     ) -> None:
         super().__init__(
             num_workers=num_workers,
             timeout_s=timeout_s,
             hard_timeout_s=hard_timeout_s,
             max_answer_chars=max_answer_chars,
+            cache_size=cache_size,
         )
         if not 0 < accept_at <= 1:
             raise ValueError(f"accept_at={accept_at} must be in (0, 1] (a task's score of a right answer is 1)")
@@ -143,4 +155,5 @@ class GymVerifier(MathVerifier):
         return f"<answer>{answer}</answer>"
 
     def _task_args(self, answer: str, gold: str) -> tuple[Any, ...]:
+        # also the cache's key (MathVerifier._cache_key): whatever changes the scorer's verdict belongs here
         return (answer, gold, self.timeout_s, self.accept_at)

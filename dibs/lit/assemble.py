@@ -14,7 +14,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,11 +46,12 @@ def prepare_policy(
     cache_dir: str,
     max_prompt_tokens: int,
     eval_sampling: SamplingParams,
-    verifier: Callable[[], Any],
+    verifier: Any,
     pool_size: int | None,
 ):
     """Returns (policy, tokenizer). ``model`` holds the model config group; ``warmstart`` the SFT group;
-    ``verifier`` builds the run's verifier (the ``reward`` group) for the warm start's accuracy probe;
+    ``verifier`` is the run's verifier (the ``reward`` group), which the warm start's accuracy probe shares with the
+    E-steps: the caller starts it (its workers come up during the warm start) and closes it;
     ``pool_size`` the RL pool (the first problems of the split), which ``warmstart.skip_pool`` leaves out of
     the SFT."""
     skip = (pool_size or 0) if warmstart["skip_pool"] else 0
@@ -58,14 +59,13 @@ def prepare_policy(
         require_model_folder(model["path"])  # a wrong path fails before anything else runs
         if warmstart["steps"] <= 0:
             return load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
-    scorer = verifier()
     keyed = {k: v for k, v in warmstart.items() if k != "skip_pool"}  # keys of earlier caches stay valid
     settings = {"version": __version__, "task": key_settings, "model": model, "warmstart": keyed}
     if skip:
         settings["sft_skips_pool"] = skip
     settings["template"] = template
     if any(not p.solution for p in task.train):  # answer-only SFT targets: their format is part of pi0
-        settings["answer_format"] = scorer.format_answer("{}")
+        settings["answer_format"] = verifier.format_answer("{}")
     key = cache_key(settings)
     folder = Path(cache_dir).expanduser() / "warmstart" / key
     cached = _wait_or_load(folder, DTYPES[model.get("dtype") or "float32"])
@@ -82,7 +82,7 @@ def prepare_policy(
     if model.get("path"):
         policy, tokenizer = load_pretrained(model["path"], dtype=model["dtype"]), load_tokenizer(model["path"])
     else:  # the answers the SFT states (problems without a worked solution) are part of the corpus
-        texts = corpus(task.train) + [scorer.format_answer(p.answer) for p in task.train if not p.solution]
+        texts = corpus(task.train) + [verifier.format_answer(p.answer) for p in task.train if not p.solution]
         tokenizer = train_tokenizer(texts, staging, vocab_size=model["vocab_size"])
         policy = build_tiny_qwen2(tokenizer, **model["tiny"], seed=warmstart["seed"])
     info(
@@ -90,7 +90,7 @@ def prepare_policy(
         f"({warmstart['steps']} steps max, stop at {100 * warmstart['target_accuracy']:.0f}% accuracy)"
     )
     report = _run_sft(
-        policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling, scorer, skip
+        policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling, verifier, skip
     )
     info(
         f"pi0: SFT stopped by {report.stopped_by} after {report.steps} steps ({report.seconds:.0f}s), "
@@ -161,23 +161,20 @@ def _run_sft(
     # cached without the training seed in its key) never depends on which training seed ran first.
     with torch.random.fork_rng():
         torch.manual_seed(warmstart["seed"])
-        try:
-            return sft(
-                policy,
-                tokenizer,
-                examples,
-                steps=warmstart["steps"],
-                batch_size=warmstart["batch_size"],
-                lr=warmstart["lr"],
-                seed=warmstart["seed"],
-                eval_every=warmstart["eval_every"],
-                target_accuracy=warmstart["target_accuracy"],
-                schedule=warmstart["schedule"],
-                measure=measure,
-                out_dir=out_dir,
-            )
-        finally:
-            verifier.close()
+        return sft(
+            policy,
+            tokenizer,
+            examples,
+            steps=warmstart["steps"],
+            batch_size=warmstart["batch_size"],
+            lr=warmstart["lr"],
+            seed=warmstart["seed"],
+            eval_every=warmstart["eval_every"],
+            target_accuracy=warmstart["target_accuracy"],
+            schedule=warmstart["schedule"],
+            measure=measure,
+            out_dir=out_dir,
+        )
 
 
 def build_eval_plan(
@@ -212,6 +209,7 @@ def build_eval_plan(
             )
         info(f"benchmark {bench.name}: {len(bench.problems)} problems, levels {bench.levels}")
     options = {k: evaluation[k] for k in ("samples", "every", "every_samples", "before_training")}
+    options["reuse_pi0"] = evaluation.get("reuse_pi0", True)
     return EvalPlan(
         loaded,
         pass_k=tuple(evaluation["pass_k"]),

@@ -1,11 +1,13 @@
-"""MathVerifier: exact path, math-verify path, failure statuses, time limits, pool recovery."""
+"""MathVerifier: exact path, math-verify path, failure statuses, time limits, pool recovery, early start, cache."""
 
 import copy
 import doctest
 import itertools
+import json
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +259,7 @@ def test_pathological_answer_times_out_then_verifier_still_works(verifier):
 def test_slow_items_run_in_parallel(verifier):
     verifier.score([r"\boxed{x+1}"] * 2, ["1+x"] * 2)  # both workers up
     start = time.monotonic()
-    out = verifier.score([r"\boxed{9^{9^{9^9}}}"] * 4, ["1"] * 4)
+    out = verifier.score([r"\boxed{9^{9^{9^9}}}"] * 4, ["1", "2", "3", "4"])  # 4 pairs: a batch sends each once
     elapsed = time.monotonic() - start
     assert out.status == ("timeout",) * 4
     assert elapsed < 4 * TIMEOUT_S  # 2 workers: ~2 s; one by one would be >= 4 s
@@ -303,9 +305,140 @@ def test_stuck_workers_are_killed_and_replaced(monkeypatch):
 def test_close_and_copy_restart_the_pool_lazily():
     v = make(timeout_s=1, hard_timeout_s=2.0)
     assert _one(v, r"\boxed{x+1}", "1+x") == ("verified", 1.0)
-    twin = copy.deepcopy(v)  # the live pool is not copied
-    assert twin._pool is None
+    twin = copy.deepcopy(v)  # the live pool is not copied, nor the cache (a checkpoint never carries one)
+    assert twin._pool is None and twin.cache_info().size == 0 and v.cache_info().size == 1
     v.close()
     v.close()  # idempotent
     assert _one(v, r"\boxed{x+2}", "1+x") == ("rejected", 0.0)
     v.close()
+
+
+# ---------------------------------------------------------------- early start, one pool, outcome cache
+
+
+def _slow_init() -> None:
+    """Worker initializer stand-in (picklable by reference): a slow start, then the real one."""
+    time.sleep(1.0)
+    verifier_module._init_worker()
+
+
+def test_start_returns_at_once_and_score_uses_the_started_pool(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[__name__.count(".")]))  # workers import this file
+    monkeypatch.setattr(MathVerifier, "_init_fn", staticmethod(_slow_init))
+    with make(timeout_s=1, hard_timeout_s=3.0) as v:
+        begun = time.monotonic()
+        assert v.start() is v
+        assert time.monotonic() - begun < 0.5  # workers take >= 1 s to be up: start() waited for none of it
+        pool = v._pool
+        assert v.start()._pool is pool  # idempotent while the pool runs
+        assert not v.ready(timeout=0.1)  # still importing
+        assert v.ready(timeout=30)
+        assert _one(v, r"\boxed{x+1}", "1+x") == ("verified", 1.0)
+        assert v._pool is pool and v.cache_info().misses == 1  # the started pool decided it
+        v.close()
+        assert not v.ready() and v._pool is None
+        v.start()
+        assert v._pool is not None and v._pool is not pool  # after close(), start() makes a new pool
+    assert v._pool is None
+
+
+class _Counting:
+    """Stands in for the pool (``MathVerifier._verify``): records what reaches a worker, answers by a rule."""
+
+    def __init__(self, rule=None, real=None):
+        self.sent: list[tuple[str, str]] = []
+        self.rule, self.real = rule, real
+
+    def __call__(self, items):
+        self.sent.extend(items)
+        return self.real(items) if self.real is not None else [self.rule(a, g) for a, g in items]
+
+
+MIXED = [
+    (r"\boxed{3}", "3"),  # exact
+    ("no box", "3"),  # no_answer
+    (r"\boxed{\frac{1}{2}}", "0.5"),  # verified: equivalent, not exact
+    (r"\boxed{0.5}", r"\frac12"),  # verified
+    (r"\boxed{7}", "8"),  # rejected
+    (r"\boxed{\frac{}{}}", "1"),  # parse_error
+    (r"\boxed{7}", "8"),  # the same pair again in the batch
+    (r"\boxed{7}", "9"),  # the same answer, another gold
+    (r"\boxed{\frac{1}{2}}", "0.5"),
+]
+
+
+def test_cache_gives_a_fresh_verifiers_statuses_and_cached_answers_never_reach_a_worker(verifier, monkeypatch):
+    completions, golds = [c for c, _ in MIXED], [g for _, g in MIXED]
+    cached = verifier  # the module's warm pool, with an empty cache for this test
+    for name, empty in (("_cache", OrderedDict()), ("_hits", 0), ("_misses", 0)):
+        monkeypatch.setattr(cached, name, empty)
+    sent = _Counting(real=cached._verify)
+    monkeypatch.setattr(cached, "_verify", sent)
+    first = cached.score(completions, golds)
+    with make(cache_size=0) as fresh:  # the behaviour before the cache: every open item goes to a worker
+        reference = fresh.score(completions, golds)
+    assert first.status == reference.status
+    assert first.status == ("exact", "no_answer", "verified", "verified", "rejected", "parse_error") + (
+        "rejected",
+        "rejected",
+        "verified",
+    )
+    assert first.rewards.tolist() == reference.rewards.tolist()
+    # exact and no_answer never reach a worker; a pair repeated in the batch goes once
+    assert sent.sent == [(r"\frac{1}{2}", "0.5"), ("0.5", r"\frac12"), ("7", "8"), (r"\frac{}{}", "1"), ("7", "9")]
+    assert cached.cache_info() == (2, 5, 5, 100_000)  # hits, misses, size, max size
+    again = cached.score(completions, golds)
+    assert again.status == first.status and again.rewards.tolist() == first.rewards.tolist()
+    assert len(sent.sent) == 5  # nothing new reached a worker
+    assert cached.cache_info() == (9, 5, 5, 100_000)
+
+
+def test_timeouts_and_errors_are_not_cached():
+    def rule(answer, gold):
+        return {"slow": "timeout", "bad": "error"}.get(answer, "rejected")
+
+    v, sent = make(), _Counting(rule)
+    v._verify = sent
+    batch = [r"\boxed{slow}", r"\boxed{bad}", r"\boxed{fine}", r"\boxed{slow}"]
+    assert v.score(batch, ["1"] * 4).status == ("timeout", "error", "rejected", "timeout")
+    assert [a for a, _ in sent.sent] == ["slow", "bad", "fine"]  # the repeat within the batch shares its outcome
+    assert v.score(batch, ["1"] * 4).status == ("timeout", "error", "rejected", "timeout")
+    assert [a for a, _ in sent.sent[3:]] == ["slow", "bad"]  # tried again; "fine" came from the cache
+    assert v.cache_info().size == 1 and v._pool is None
+
+
+def test_cache_is_bounded_least_recently_used_first_and_size_zero_is_the_old_behaviour():
+    v, sent = make(cache_size=2), _Counting(lambda a, g: "rejected")
+    v._verify = sent
+    box = [rf"\boxed{{{a}}}" for a in "abc"]
+    v.score(box[:2], ["1", "1"])  # a, b
+    v.score(box[:1], ["1"])  # a used again: b is now the oldest
+    v.score(box[2:], ["1"])  # c evicts b
+    v.score([box[0], box[1]], ["1", "1"])  # a cached, b sent again
+    assert [a for a, _ in sent.sent] == ["a", "b", "c", "b"] and v.cache_info().size == 2
+    off, sent = make(cache_size=0), _Counting(lambda a, g: "rejected")
+    off._verify = sent
+    off.score([box[0]] * 3, ["1"] * 3)
+    off.score([box[0]], ["1"])
+    assert len(sent.sent) == 4 and off.cache_info() == (0, 0, 0, 0)
+    with pytest.raises(ValueError, match="cache_size"):
+        make(cache_size=-1)
+
+
+def test_cache_keys_hold_all_a_worker_is_sent():
+    assert make(timeout_s=1)._cache_key("1", "2") != make(timeout_s=2)._cache_key("1", "2")
+    assert make()._cache_key("1", "2") != make()._cache_key("1", "3")
+    from dibs.core.gym_verifier import GymVerifier
+
+    settings = dict(num_workers=1, timeout_s=1, hard_timeout_s=3.0, max_answer_chars=256, accept_at=1.0)
+
+    def gold(index, task="chain_sum"):
+        return json.dumps({"task": task, "seed": 0, "size": 10, "options": {}, "index": index, "answer": "5"})
+
+    v, sent = GymVerifier(**settings), _Counting(lambda a, g: "rejected")
+    v._verify = sent
+    golds = [gold(0), gold(1), gold(0, "countdown"), gold(0)]
+    assert v.score(["<answer>4</answer>"] * 4, golds).status == ("rejected",) * 4
+    assert [g for _, g in sent.sent] == golds[:3]  # one answer to three task references: three keys
+    half = GymVerifier(**{**settings, "accept_at": 0.5})
+    assert half._cache_key("4", gold(0)) != v._cache_key("4", gold(0))
