@@ -139,6 +139,7 @@ def main(cfg: DictConfig) -> float:
     datamodule = EMDataModule(
         task.train[: cfg.pool_size],
         tokenizer,
+        eval_cache=str(Path(cfg.cache_dir).expanduser() / "evals"),
         template=template,
         prompts_per_iteration=cfg.prompts_per_iteration,
         pool_sampling=cfg.pool_sampling,

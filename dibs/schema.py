@@ -120,6 +120,7 @@ class Eval(_Open):
     every: int = Field(ge=1)
     every_samples: int = Field(ge=0)
     before_training: bool
+    reuse_pi0: bool = True
     max_prompt_tokens: int | None = Field(ge=1)  # null: no limit
     sampling: Sampling
 

@@ -35,6 +35,7 @@ class EvalPlan:
     every_samples: int  # 0: by iterations (``every``); else after each iteration that crosses a multiple
     before_training: bool
     averages: Mapping[str, Sequence[str]]  # suite name -> its benchmarks (the benchmarks group's)
+    reuse_pi0: bool = True  # π0's evaluation read back when made before (dibs.lit.eval_cache)
 
     def __post_init__(self) -> None:
         if self.every_samples < 0:

@@ -32,6 +32,7 @@ from dibs.estep.gradnorms import GradNormMeter
 from dibs.estep.step import EStep, EStepResult, check_keep_rejected
 from dibs.lit.diagnostics import log_allocation_images
 from dibs.lit.dist import dist_of
+from dibs.lit.eval_cache import eval_key, load_eval, save_eval
 from dibs.lit.evaluation import EvalPlan, EvalResult, eval_seed, evaluate, format_summary, val_metrics
 from dibs.lit.logs import info, log_step, peak_memory, warn
 from dibs.lit.scoring import score_trajectories
@@ -73,6 +74,7 @@ class RolloutCallback(L.Callback):
         budget: Budget | None = None,
         text_samples: int = 3,
         grad_token_budget: int = 16384,
+        eval_cache: str | None = None,
     ) -> None:
         if recompute_old_logprobs not in (True, False, "auto"):
             raise ValueError(f"algo.recompute_old_logprobs={recompute_old_logprobs!r} is not true, false or auto")
@@ -88,6 +90,7 @@ class RolloutCallback(L.Callback):
         self.recompute_old_logprobs = recompute_old_logprobs
         self.evaluation, self.export_dir, self.text_samples = evaluation, export_dir, text_samples
         self.grad_token_budget = grad_token_budget
+        self.eval_cache = Path(eval_cache) if eval_cache else None  # π0's evaluation, reused (dibs.lit.eval_cache)
         self.budget = budget or Budget()
         # Cumulative, all ranks: generated samples and response tokens (pilots included), accepted samples, and
         # the seconds this rank spent in E-steps and M-steps (evaluation, exports and checkpoints excluded).
@@ -304,21 +307,37 @@ class RolloutCallback(L.Callback):
         plan = self.evaluation
         info(f"{'pi0' if iteration == 0 else f'iteration {iteration}'}: evaluation")
         self._push_weights(trainer)
-        torch.manual_seed(eval_seed(self.seed, iteration, trainer.global_rank))
+        seed = eval_seed(self.seed, iteration, trainer.global_rank)
+        torch.manual_seed(seed)
         started = time.perf_counter()
-        result = evaluate(
-            self.generator,
-            self.verifier,
-            plan.benchmarks,
-            samples=plan.samples,
-            pass_k=plan.pass_k,
-            sampling=plan.sampling,
-            averages=plan.averages,
-            iteration=iteration,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            device=trainer.strategy.root_device,
-        )
+        key = None
+        reusable = iteration == 0 and plan.reuse_pi0 and self.eval_cache is not None and trainer.world_size == 1
+        if reusable and isinstance(getattr(self.generator, "model", None), torch.nn.Module):
+            device = trainer.strategy.root_device.type
+            key = eval_key(
+                self.generator.model, plan, generator=self.generator, verifier=self.verifier, seed=seed, device=device
+            )
+        result = load_eval(self.eval_cache, key) if key else None
+        if result is not None:
+            info(
+                f"pi0: evaluation read from {self.eval_cache / key}.json (same weights, benchmarks, sampling and seed)"
+            )
+        else:
+            result = evaluate(
+                self.generator,
+                self.verifier,
+                plan.benchmarks,
+                samples=plan.samples,
+                pass_k=plan.pass_k,
+                sampling=plan.sampling,
+                averages=plan.averages,
+                iteration=iteration,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+                device=trainer.strategy.root_device,
+            )
+            if key:
+                save_eval(self.eval_cache, key, result)
         self.evals.append(result)
         metrics = val_metrics(result)
         metrics["time/eval_s"] = time.perf_counter() - started
