@@ -61,6 +61,8 @@ def main(cfg: DictConfig) -> float:
     check_benchmarks(names, sets, dir=setup["benchmarks"]["dir"], has_held_out=True)  # before any data is read
     needs_task = any(sets[name].get("path") is None for name in names)  # the data source's held-out split
     task = instantiate(cfg.data.source) if needs_task else TaskSplits(train=[], test=[])
+    verifier = instantiate(cfg.reward)
+    verifier.start()  # its workers start in the background while the benchmarks and the model load
     tokenizer = load_tokenizer(folder)
     template = PromptTemplate(**setup["template"])
     plan = build_eval_plan(
@@ -75,7 +77,6 @@ def main(cfg: DictConfig) -> float:
     generator = instantiate(cfg.rollout.generator, **engine_folder)(model=policy, tokenizer=tokenizer)
     if hasattr(generator, "to"):
         generator.to(device)
-    verifier = instantiate(cfg.reward)
     torch.manual_seed(eval_seed(seed, iteration))
     try:
         result = evaluate(
