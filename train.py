@@ -26,6 +26,7 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # set by l
 # May differ when a run is resumed: where it resumes from, how far it goes, how it checkpoints and shows progress.
 RESUME_MAY_CHANGE = (
     "ckpt_path",
+    "threads",
     "checkpoint.",
     "iterations",
     "budget.",
@@ -56,6 +57,9 @@ def main(cfg: DictConfig) -> float:
     resume, finished = _resume_point(cfg, run_dir, launched)  # a bad path or an untrusted checkpoint fails here
     if finished is not None:  # nothing left to do: the last evaluation, for sweeps that read the return value
         return finished
+    from dibs.launch import set_up_process
+
+    set_up_process(cfg.threads)  # torch's threads (a share of the cores side by side), a joblib worker's start method
     import lightning as L
     import transformers
     from hydra.errors import InstantiationException
