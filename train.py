@@ -139,11 +139,11 @@ def main(cfg: DictConfig) -> float:
         export_dir=str(run_dir / "hf"),
         seed=cfg.seed,
         budget=budget,
+        eval_cache=str(Path(cfg.cache_dir).expanduser() / "evals"),
     )
     datamodule = EMDataModule(
         task.train[: cfg.pool_size],
         tokenizer,
-        eval_cache=str(Path(cfg.cache_dir).expanduser() / "evals"),
         template=template,
         prompts_per_iteration=cfg.prompts_per_iteration,
         pool_sampling=cfg.pool_sampling,
