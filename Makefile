@@ -31,3 +31,11 @@ grid: setup  ## a grid end to end: `make grid GRID=raft_vs_raftpp [ARGS="seed=0,
 report: setup  ## the report of a finished grid: `make report SWEEP=multirun/<grid>/<time>`
 	@if [ "$(origin SWEEP)" = "file" ]; then echo "make report: give the grid folder, SWEEP=multirun/<grid>/<time>"; exit 2; fi
 	$(PY) -m dibs.report $(SWEEP) --out $(REPORT)
+
+.PHONY: bundle gpu-check
+bundle:  ## wheels for a GPU machine with no index (docs/gpu.md): `make bundle [PYTHON_VERSION=3.11 PLATFORM=... TAR=1]`
+	bash scripts/offline_bundle.sh
+
+gpu-check:  ## on that GPU machine, offline: install from the bundle, GPU tests, gpu_phases, a short train; one JSON
+	@if [ -z "$(BUNDLE)" ]; then echo "make gpu-check: give the bundle, BUNDLE=offline-bundle (docs/gpu.md)"; exit 2; fi
+	bash scripts/gpu_check.sh "$(BUNDLE)"

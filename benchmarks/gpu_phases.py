@@ -4,6 +4,7 @@ with tokens/s and the peak of torch's allocations per phase. No download: the mo
 
     python benchmarks/gpu_phases.py                               # Qwen2.5-1.5B's shape on cuda
     python benchmarks/gpu_phases.py --shape tiny --device cpu     # a check that the script runs anywhere
+    python benchmarks/gpu_phases.py --json phases.json            # the figures also as JSON (scripts/gpu_check.sh)
 
 A random model rarely emits EOS, so every sample runs to ``--new-tokens``: the sampling numbers are those of
 full-length responses. The tokenizer is the embedded task's (its vocabulary is smaller than the model's);
@@ -13,6 +14,7 @@ sampled ids it does not know only affect the decoded text, which nothing here re
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--layers", type=int, default=None, help="override the shape's decoder layers")
+    parser.add_argument("--json", metavar="PATH", help="also write the settings and figures to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -92,6 +95,7 @@ def main() -> None:
     seconds, peak = done()
     tokens = sum(len(c.token_ids) for g in groups for c in g)
     print(f"sampling : {tokens} tokens in {seconds:.1f} s = {tokens / seconds:,.0f} tokens/s; {_gib(peak)}")
+    figures = {"sampling": _figures(tokens, seconds, peak)}
     del generator
 
     # ---- M-step: RAFT++ updates on the samples (every one accepted: the cost does not depend on rewards) ----
@@ -112,7 +116,7 @@ def main() -> None:
             with autocast:
                 logp = sequence_logprobs(lambda **kw: policy(**kw, use_cache=False).logits, ids, mask)  # [b, L-1]
             out = raftpp_loss(logp.float(), logp.detach().float(), resp, torch.ones(len(micro), device=device),
-                              denom=denom)  # fmt: skip
+                              clip_low=0.2, clip_high=0.2, agg="token-mean", kl_coef=0.0, denom=denom)  # fmt: skip
             out.loss.backward()
             trained += int(mask.sum())
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -120,6 +124,19 @@ def main() -> None:
     seconds, peak = done()
     print(f"training : {trained} tokens in {seconds:.1f} s = {trained / seconds:,.0f} tokens/s "
           f"(forward + backward + AdamW); {_gib(peak)}")  # fmt: skip
+    figures["training"] = _figures(trained, seconds, peak)
+    if args.json:
+        settings = dict({k: v for k, v in vars(args).items() if k != "json"}, parameters=params)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        info = dict(torch=torch.__version__, cuda=torch.version.cuda, device=str(device), gpu=gpu)
+        with open(args.json, "w") as handle:
+            json.dump(dict(settings=settings, **info, **figures), handle, indent=1)
+
+
+def _figures(tokens: int, seconds: float, peak: float) -> dict:
+    """One phase's figures for --json; peak_gib is null on CPU (no allocation peaks there)."""
+    return dict(tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1),
+                peak_gib=None if peak != peak else round(peak, 3))  # fmt: skip
 
 
 def _gib(peak: float) -> str:
