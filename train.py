@@ -155,6 +155,7 @@ def main(cfg: DictConfig) -> float:
         max_prompt_tokens=cfg.max_prompt_tokens,
         seed=cfg.seed,
         source=rollout,
+        cache_dir=cfg.cache_dir,  # the pool's prompts are rendered and tokenised once (dibs.data.prompts)
     )
     if datamodule.dropped:  # a Numina-sized pool can drop thousands: the count, and a few examples
         log.warning(

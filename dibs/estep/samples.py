@@ -17,7 +17,17 @@ import torch
 from dibs.core.losses import equal_reward_groups
 from dibs.rollout.base import Completion
 
-__all__ = ["IterationPrompts", "Trajectory", "build_trajectories", "select_training"]
+__all__ = [
+    "IterationPrompts",
+    "Trajectory",
+    "build_trajectories",
+    "pack_trajectories",
+    "select_training",
+    "unpack_trajectories",
+]
+
+_TENSORS = ("prompt_ids", "response_ids", "old_logprobs", "sampler_logprobs", "ref_logprobs")
+_SCALARS = ("advantage", "reward", "group")
 
 
 @dataclass(frozen=True)
@@ -79,3 +89,37 @@ def select_training(
     equal_groups = {t.group for t, e in zip(trajectories, equal) if e}
     counts = [len(train), sum(t.advantage != 0 for t in train), len(equal_groups), sum(equal)]
     return train, np.array(counts, dtype=np.float64)
+
+
+def pack_trajectories(trajectories: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
+    """Trajectories as a few flat tensors (one per field, with each row's length; a field a row lacks has a
+    presence flag): what a checkpoint stores, since ``torch.save`` pays per tensor and an iteration holds
+    thousands of small ones. ``unpack_trajectories`` gives back equal trajectories, bit for bit."""
+    rows = list(trajectories)
+    packed: dict[str, torch.Tensor] = {"count": torch.tensor(len(rows))}
+    for name in _TENSORS:
+        values = [getattr(t, name) for t in rows]
+        present = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        kept = [v for v in values if v is not None]
+        packed[f"{name}.present"] = present
+        packed[f"{name}.lengths"] = torch.tensor([len(v) for v in kept], dtype=torch.long)
+        packed[f"{name}.values"] = torch.cat(kept) if kept else torch.zeros(0)
+    packed["advantage"] = torch.tensor([t.advantage for t in rows], dtype=torch.float64)
+    packed["reward"] = torch.tensor([t.reward for t in rows], dtype=torch.float64)
+    packed["group"] = torch.tensor([t.group for t in rows], dtype=torch.long)
+    return packed
+
+
+def unpack_trajectories(packed: dict[str, torch.Tensor]) -> list[Trajectory]:
+    count = int(packed["count"])
+    fields: dict[str, list] = {}
+    for name in _TENSORS:
+        pieces = iter(torch.split(packed[f"{name}.values"], packed[f"{name}.lengths"].tolist()))
+        fields[name] = [next(pieces) if p else None for p in packed[f"{name}.present"].tolist()]
+    advantage, reward, group = (packed[k].tolist() for k in _SCALARS)
+    return [
+        Trajectory(
+            **{name: fields[name][i] for name in _TENSORS}, advantage=advantage[i], reward=reward[i], group=group[i]
+        )
+        for i in range(count)
+    ]

@@ -39,9 +39,9 @@ from transformers import PreTrainedTokenizerBase
 
 from dibs.core.batching import pad_right
 from dibs.data.pools import POOL_MODES, iteration_indices
-from dibs.data.prompts import PromptTemplate, encode_prompts
+from dibs.data.prompts import PromptTemplate, encode_prompts_cached
 from dibs.data.records import Problem
-from dibs.estep.samples import IterationPrompts, Trajectory
+from dibs.estep.samples import IterationPrompts, Trajectory, pack_trajectories, unpack_trajectories
 from dibs.lit.dist import gather_per_rank, pick_own
 
 __all__ = ["UPDATE_ACCOUNTING", "EMDataModule", "RolloutSource", "collate_trajectories"]
@@ -145,6 +145,7 @@ class EMDataModule(L.LightningDataModule):
         max_prompt_tokens: int,
         seed: int,
         source: RolloutSource | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if update_accounting not in UPDATE_ACCOUNTING:
@@ -153,8 +154,8 @@ class EMDataModule(L.LightningDataModule):
             raise ValueError(f"samples_per_update={samples_per_update} must be >= 1 under update_accounting=per_sample")
         if pool_sampling not in POOL_MODES:
             raise ValueError(f"pool_sampling={pool_sampling!r} is not one of {POOL_MODES}")
-        self.train_problems, self.train_prompts, self.dropped = encode_prompts(
-            train, tokenizer, template, max_prompt_tokens=max_prompt_tokens
+        self.train_problems, self.train_prompts, self.dropped = encode_prompts_cached(
+            train, tokenizer, template, max_prompt_tokens=max_prompt_tokens, cache_dir=cache_dir
         )  # self.dropped: reported by train.py; never silently lost
         if not self.train_problems:
             raise ValueError(f"no training prompt left after filtering ({len(self.dropped)} over max_prompt_tokens)")
@@ -254,7 +255,7 @@ class EMDataModule(L.LightningDataModule):
             "iteration": self.iteration,
             "skip_updates": self.skip_updates,
             "updates": self.updates,
-            "trajectories": [dict(t.__dict__) for t in self.trajectories],
+            "packed": pack_trajectories(self.trajectories),  # a few flat tensors: fast to save and load
         }
         return {"per_rank": gather_per_rank(own)}
 
@@ -266,4 +267,7 @@ class EMDataModule(L.LightningDataModule):
             )
         own = pick_own(state["per_rank"], "rollouts")
         self.iteration, self.skip_updates, self.updates = own["iteration"], own["skip_updates"], own["updates"]
-        self.trajectories = [Trajectory(**t) for t in own["trajectories"]]
+        if "packed" in own:
+            self.trajectories = unpack_trajectories(own["packed"])
+        else:  # written before rollouts were packed: one dict of tensors per trajectory
+            self.trajectories = [Trajectory(**t) for t in own["trajectories"]]

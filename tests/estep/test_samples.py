@@ -101,3 +101,28 @@ def test_grpo_refuses_to_drop_rejected_samples(loss):
             seed=0,
             dist=Dist(),
         )
+
+
+def test_packed_trajectories_come_back_equal_bit_for_bit():
+    from dibs.estep.samples import Trajectory, pack_trajectories, unpack_trajectories
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for k in range(7):
+        t = int(torch.randint(0, 5, (1,), generator=g))  # empty responses included
+        lp = torch.randn(t, generator=g)
+        rows.append(
+            Trajectory(
+                torch.randint(0, 100, (3 + k,), generator=g), torch.randint(0, 100, (t,), generator=g), lp,
+                advantage=float(torch.randn(1, generator=g)) / 3, reward=float(k % 2), group=k // 2,
+                sampler_logprobs=lp + 1e-7 if k % 3 else None, ref_logprobs=None if k % 2 else lp * 2,
+            )
+        )  # fmt: skip
+    back = unpack_trajectories(pack_trajectories(rows))
+    assert len(back) == len(rows)
+    for a, b in zip(rows, back):
+        for name in ("prompt_ids", "response_ids", "old_logprobs", "sampler_logprobs", "ref_logprobs"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or (torch.equal(x, y) and x.dtype == y.dtype), name
+        assert (a.advantage, a.reward, a.group) == (b.advantage, b.reward, b.group)
+    assert unpack_trajectories(pack_trajectories([])) == []
