@@ -7,6 +7,7 @@ python train.py -m seed=0,1,2                     # a sweep
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -60,10 +61,17 @@ def main(cfg: DictConfig) -> float:
     from dibs.launch import set_up_process
 
     set_up_process(cfg.threads)  # torch's threads (a share of the cores side by side), a joblib worker's start method
+    from hydra.utils import instantiate
+
+    # The run's one verifier (one per process): its workers start now, in the background, while the heavy imports
+    # and the warm start run here, then serve the warm start's probe, every E-step and every evaluation; closed at
+    # the end of the run (or at exit, when a check below stops it first).
+    verifier = instantiate(cfg.reward)
+    verifier.start()
+    atexit.register(verifier.close)
     import lightning as L
     import transformers
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     from dibs.core.budget import Budget
     from dibs.core.losses import get_algorithm
@@ -103,10 +111,6 @@ def main(cfg: DictConfig) -> float:
     check_benchmarks(cfg.eval.benchmarks, benchmarks["sets"], dir=benchmarks["dir"], has_held_out=bool(task.test))
     template = PromptTemplate(**plain(cfg.template))
     sampling, eval_sampling = SamplingParams(**plain(cfg.rollout.sampling)), SamplingParams(**plain(cfg.eval.sampling))
-    # The run's one verifier (one per process): its workers start now, in the background, during the warm start,
-    # then serve its accuracy probe, every E-step and every evaluation; closed at the end of the run.
-    verifier = instantiate(cfg.reward)
-    verifier.start()
     policy, tokenizer = prepare_policy(
         task,
         template=template,
