@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing
 import os
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -332,7 +334,11 @@ def _exit_now() -> None:
     """End the process once the run (or the sweep) is over and every file is written: the exit handlers run
     (the verifier's pool, multiprocessing's helpers), logs and streams are flushed, then the interpreter stops
     without tearing down its modules one by one, which torch, Lightning and transformers make cost 1-1.5 s of
-    nothing per process. Only a normal return gets here; an error exits the usual way, with its status."""
+    nothing per process. Only a normal return gets here; an error exits the usual way, with its status. Where
+    something still runs (a launcher's worker processes or threads), the interpreter's own shutdown stops it."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if multiprocessing.active_children() or others:
+        return
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()

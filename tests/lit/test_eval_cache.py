@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dibs.lit.eval_cache import eval_key, load_eval, save_eval
@@ -53,6 +54,7 @@ def test_saved_results_read_back_and_damaged_files_are_ignored(tmp_path):
     assert load_eval(tmp_path, "k") is None
 
 
+@pytest.mark.slow
 def test_a_run_reads_pi0s_evaluation_back_and_trains_the_same(tmp_path):
     """Three runs on one cache: the first evaluates π0 and keeps it, the second reads it back, the third
     (eval.reuse_pi0=false) evaluates again. Every run logs the same scalars, bit for bit."""
