@@ -150,8 +150,10 @@ def _run_sft(
     )
 
     def measure(model) -> float:
-        # the probe's own chunking (32768 padded tokens a call): part of what the cached pi0 depends on
-        generator = HFGenerator(model, tokenizer, token_budget=32768, show_progress=False)
+        # the probe's own chunking (32768 padded tokens a call) and decoder: part of what the cached pi0 depends on
+        # (where the SFT stops), so both stay as they were when the cache keys were made: a pi0 built today is the
+        # one every earlier run and report started from
+        generator = HFGenerator(model, tokenizer, token_budget=32768, show_progress=False, decoder="generate")
         groups = generator.generate(probe_ids, [warmstart["eval_samples"]] * len(probe_ids), eval_sampling)
         texts = [c.text for g in groups for c in g]
         golds = [p.gold for p, g in zip(probe, groups) for _ in g]
