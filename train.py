@@ -82,7 +82,7 @@ def main(cfg: DictConfig) -> float:
     from dibs.data.pools import describe_shards
     from dibs.data.prompts import PromptTemplate
     from dibs.estep.step import check_keep_rejected
-    from dibs.lit.assemble import build_eval_plan, check_update_accounting, prepare_policy, schedule_horizon
+    from dibs.lit.assemble import build_eval_plan, check_update_accounting, policy_from_config, schedule_horizon
     from dibs.lit.checkpoints import IterationCheckpoint
     from dibs.lit.datamodule import EMDataModule
     from dibs.lit.module import EMModule
@@ -113,19 +113,8 @@ def main(cfg: DictConfig) -> float:
     benchmarks = plain(cfg.benchmarks)  # checked before the (possibly long) warm start
     check_benchmarks(cfg.eval.benchmarks, benchmarks["sets"], dir=benchmarks["dir"], has_held_out=bool(task.test))
     template = PromptTemplate(**plain(cfg.template))
-    sampling, eval_sampling = SamplingParams(**plain(cfg.rollout.sampling)), SamplingParams(**plain(cfg.eval.sampling))
-    policy, tokenizer = prepare_policy(
-        task,
-        template=template,
-        model=plain(cfg.model),
-        warmstart=plain(cfg.warmstart),
-        key_settings=plain(cfg.data.source),
-        cache_dir=cfg.cache_dir,
-        max_prompt_tokens=cfg.max_prompt_tokens,
-        eval_sampling=eval_sampling,
-        verifier=verifier,
-        pool_size=cfg.pool_size,
-    )
+    sampling = SamplingParams(**plain(cfg.rollout.sampling))
+    policy, tokenizer = policy_from_config(cfg, task, verifier)
     evaluation = build_eval_plan(
         plain(cfg.eval),
         benchmarks,

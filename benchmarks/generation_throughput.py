@@ -121,21 +121,10 @@ def _setup(args):
     task = instantiate(cfg.data.source)
     template = PromptTemplate(**plain(cfg.template))
     if args.model == "default":
-        from dibs.lit.assemble import prepare_policy
-        from dibs.rollout.base import SamplingParams
+        from dibs.lit.assemble import policy_from_config
 
-        model, tokenizer = prepare_policy(
-            task,
-            template=template,
-            model=plain(cfg.model),
-            warmstart=plain(cfg.warmstart),
-            key_settings=plain(cfg.data.source),
-            cache_dir=cfg.cache_dir,
-            max_prompt_tokens=cfg.max_prompt_tokens,
-            eval_sampling=SamplingParams(**plain(cfg.eval.sampling)),
-            verifier=lambda: instantiate(cfg.reward),
-            pool_size=cfg.pool_size,
-        )
+        with instantiate(cfg.reward) as verifier:  # the warm start's accuracy probe, when π0 is not cached
+            model, tokenizer = policy_from_config(cfg, task, verifier)
     else:
         from dibs.data.synthetic import corpus
         from dibs.data.tokenizer import train_tokenizer

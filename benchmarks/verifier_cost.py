@@ -143,7 +143,7 @@ def _sample_pi0(cfg, task) -> list[tuple[list[str], list[str]]]:
     from hydra.utils import instantiate
 
     from dibs.data.prompts import PromptTemplate, encode_prompts
-    from dibs.lit.assemble import prepare_policy
+    from dibs.lit.assemble import policy_from_config
     from dibs.rollout.base import SamplingParams
 
     transformers.utils.logging.disable_progress_bar()
@@ -152,18 +152,7 @@ def _sample_pi0(cfg, task) -> list[tuple[list[str], list[str]]]:
     template = PromptTemplate(**_plain(cfg.template))
     with instantiate(cfg.reward) as verifier:
         verifier.start()
-        policy, tokenizer = prepare_policy(
-            task,
-            template=template,
-            model=_plain(cfg.model),
-            warmstart=_plain(cfg.warmstart),
-            key_settings=_plain(cfg.data.source),
-            cache_dir=str(cache_dir),
-            max_prompt_tokens=cfg.max_prompt_tokens,
-            eval_sampling=SamplingParams(**_plain(cfg.eval.sampling)),
-            verifier=verifier,
-            pool_size=cfg.pool_size,
-        )
+        policy, tokenizer = policy_from_config(cfg, task, verifier, cache_dir=str(cache_dir))
     policy.eval()
     generator = instantiate(cfg.rollout.generator, show_progress=False)(model=policy, tokenizer=tokenizer)
     sampling = SamplingParams(**_plain(cfg.rollout.sampling))

@@ -35,6 +35,9 @@ the worker's main thread). With ``raise_on_error=True`` both ``parse`` and ``ver
 timeout be told apart from a plain rejection. Code that swallows BaseException, or a C call that never
 returns to the interpreter (gmpy2-backed sympy integers may be one; pure-Python ones check for signals),
 defeats SIGALRM: the hard limit covers those, and reports them as "timeout" too.
+
+Over 350 lines on purpose: the worker-side functions must be importable by name from this module (the pool
+pickles them by reference), and the pool, its early start and the outcome cache are one object's state.
 """
 
 from __future__ import annotations

@@ -103,6 +103,26 @@ def prepare_policy(
     return policy, tokenizer
 
 
+def policy_from_config(cfg: Any, task: TaskSplits, verifier: Any, *, cache_dir: str | None = None):
+    """``prepare_policy`` with the settings of a composed run config (``train.py``, the benchmarks): π0 and its
+    tokenizer, from the warm-start cache or built. ``cache_dir`` overrides ``cfg.cache_dir``."""
+    from omegaconf import OmegaConf
+
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)
+    return prepare_policy(
+        task,
+        template=PromptTemplate(**plain(cfg.template)),
+        model=plain(cfg.model),
+        warmstart=plain(cfg.warmstart),
+        key_settings=plain(cfg.data.source),
+        cache_dir=cache_dir or cfg.cache_dir,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        eval_sampling=SamplingParams(**plain(cfg.eval.sampling)),
+        verifier=verifier,
+        pool_size=cfg.pool_size,
+    )
+
+
 def _remove_stale_staging(cache: Path, max_age_s: float = 86_400) -> None:
     """Remove the half-built warm starts of killed processes: ``<key>.tmp-<host>-<pid>`` folders whose process is
     gone (this host), or untouched for a day (another host sharing the cache)."""

@@ -12,6 +12,10 @@ Costs (``dibs.core.budget``): cumulative generated samples, response tokens, opt
 seconds spent generating, verifying and training are logged as ``cost/*`` (``dibs.core.tags``) at every
 evaluation, at the same step as ``val/*``, so accuracy can be plotted against any of them. With a budget, the
 run stops after the iteration whose generation reached it.
+
+Over 350 lines on purpose: it is one Lightning callback whose hooks share the loop's state (costs, evaluations,
+the weights the generator holds); the E-step, scoring, evaluation, the π0 evaluation cache and exports already
+live in their own modules, and what stays here is the order in which the hooks call them.
 """
 
 from __future__ import annotations
@@ -35,24 +39,11 @@ from dibs.lit.dist import dist_of
 from dibs.lit.eval_cache import eval_key, load_eval, save_eval
 from dibs.lit.evaluation import EvalPlan, EvalResult, eval_seed, evaluate, format_summary, val_metrics
 from dibs.lit.logs import info, log_step, peak_memory, warn
-from dibs.lit.scoring import score_trajectories
+from dibs.lit.scoring import sampler_logprobs_are_trainers, score_trajectories
 from dibs.lit.weights import export_policy, iter_full_tensors
 from dibs.rollout.base import Generator, SamplingParams
 
-__all__ = ["RolloutCallback", "sampler_logprobs_are_trainers"]
-
-FULL_PRECISION = ("32-true", "32", "64-true", "64")
-
-
-def sampler_logprobs_are_trainers(generator: Generator, module: L.LightningModule, trainer: L.Trainer) -> bool:
-    """True where the generator's log-probs are the training policy's own computation: a backend that runs the
-    policy's module class on a copy of its weights refreshed before every E-step (``logprobs_are_trainers``),
-    in the policy's dtype, under a trainer that computes in that same precision (no autocast). They then differ
-    from a recomputation only by float rounding, and ``algo.recompute_old_logprobs=auto`` skips it."""
-    if not getattr(generator, "logprobs_are_trainers", False) or str(trainer.precision) not in FULL_PRECISION:
-        return False
-    sampler = next(generator.model.parameters()).dtype
-    return all(p.dtype == sampler for p in module.policy.parameters())
+__all__ = ["RolloutCallback"]
 
 
 class RolloutCallback(L.Callback):

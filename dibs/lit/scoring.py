@@ -21,7 +21,21 @@ from dibs.core.batching import pad_right
 from dibs.estep.samples import Trajectory
 from dibs.lit.dist import reduce_sum
 
-__all__ = ["score_trajectories"]
+__all__ = ["sampler_logprobs_are_trainers", "score_trajectories"]
+
+
+FULL_PRECISION = ("32-true", "32", "64-true", "64")
+
+
+def sampler_logprobs_are_trainers(generator: Any, module: L.LightningModule, trainer: L.Trainer) -> bool:
+    """True where the generator's log-probs are the training policy's own computation: a backend that runs the
+    policy's module class on a copy of its weights refreshed before every E-step (``logprobs_are_trainers``),
+    in the policy's dtype, under a trainer that computes in that same precision (no autocast). They then differ
+    from a recomputation only by float rounding, and ``algo.recompute_old_logprobs=auto`` skips it."""
+    if not getattr(generator, "logprobs_are_trainers", False) or str(trainer.precision) not in FULL_PRECISION:
+        return False
+    sampler = next(generator.model.parameters()).dtype
+    return all(p.dtype == sampler for p in module.policy.parameters())
 
 
 def score_trajectories(

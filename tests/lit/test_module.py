@@ -214,7 +214,7 @@ def test_without_recompute_the_sampler_logprobs_stay_the_old_ones(tokenizer, tin
 
 
 def test_auto_takes_the_sampler_logprobs_only_where_they_are_the_trainers_computation(tokenizer, tiny_model):
-    from dibs.lit.rollout import sampler_logprobs_are_trainers
+    from dibs.lit.scoring import sampler_logprobs_are_trainers
     from dibs.rollout.hf import HFGenerator
 
     module = make(copy.deepcopy(tiny_model), **ARGS, loss="grpo", kl_coef=0.0)
