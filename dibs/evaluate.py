@@ -28,7 +28,7 @@ register_resolvers()
 FAILURES = ("no_answer", "parse_error", "timeout", "error", "too_long")  # verifier statuses that are no verdict
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://dibs.configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     import torch
     from hydra.utils import instantiate
@@ -159,5 +159,10 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``dibs-eval``: Hydra parses the command line."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

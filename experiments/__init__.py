@@ -1,0 +1,1 @@
+"""The grids and their presets, shipped inside the package as ``dibs.experiments`` (on Hydra's search path)."""
