@@ -3,54 +3,35 @@
 - ``dibs.root``: the checkout. ``conf/config.yaml`` adds ``<root>/experiments`` to Hydra's search path, so the
   grids in ``experiments/grid/`` are selectable as ``+grid=<name>`` from any working directory.
 - ``dibs.product``: the product of its arguments (FSDP2's data-parallel size, ``num_nodes`` x ``devices``).
-- ``dibs.run_name``: the folder name of a run in a multirun, made from its axis values (``algo=raft,seed=0``).
-  The axes are the grid's (``hydra.sweeper.params``) plus any key swept on the command line (``x=1,2``).
-  Hydra hands a job its overrides without saying which were swept, so the command-line sweeps are read from
-  the launching command; where that is not this process's (a remote launcher), every override names the run,
-  as Hydra's own ``override_dirname`` does. Names too long for a file name are shortened with a hash.
+- ``dibs.run_name``: the folder name of a run, from Hydra's ``override_dirname`` (``algo=raft,seed=0``; the
+  keys in ``NOT_IN_RUN_NAMES`` are left out by ``hydra.job.config.override_dirname.exclude_keys``), so single
+  runs (``outputs/<name>/<time>``), a multirun's runs (``multirun/<time>/<name>``) and their TensorBoard run names
+  say what each run is. Names too long for a file name are shortened with a hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 __all__ = ["ROOT", "NOT_IN_RUN_NAMES", "flatten", "register_resolvers", "run_name"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, experiments/, train.py
-NOT_IN_RUN_NAMES = ("grid", "cache_dir", "ckpt_path")  # select the grid or say where files go: not an axis
+# select the grid, say where files go or how many threads: not what the run is (conf/config.yaml's exclude_keys)
+NOT_IN_RUN_NAMES = ("grid", "cache_dir", "ckpt_path", "threads", "evaluate.out_dir", "evaluate.checkpoint")
 MAX_NAME = 120
 
 
-def command_line_sweeps(argv: list[str] | None = None) -> list[str] | None:
-    """Keys swept on the command line (``seed=0,1`` → ``seed``), or None when it cannot be parsed."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except Exception:  # e.g. a remote launcher's own command line
-        return None
-    return sorted(o.key_or_group for o in parsed if o.is_sweep_override() and not o.is_hydra_override())
-
-
-def run_name(task_overrides: Any, axes: Any = None, job_num: int = 0, argv: list[str] | None = None) -> str:
-    """``k=v`` pairs of a job's overrides joined by commas: the grid's axes in their declared order, then the
-    keys swept on the command line; every override but those in NOT_IN_RUN_NAMES when those are unknown."""
-    overrides = OverridesParser.create().parse_overrides([str(o) for o in task_overrides or []])
-    values = {o.key_or_group: o.get_value_element_as_str() for o in overrides}
-    swept = command_line_sweeps(argv)
-    if swept is None:
-        keys = sorted(key for key in values if key not in NOT_IN_RUN_NAMES)
-    else:
-        declared = [str(key).lstrip("+~") for key in axes or {}]  # `++algo.lr: ...` sweeps the key algo.lr
-        keys = declared + [key for key in swept if key not in declared]
-    pairs = [f"{key}={values[key]}" for key in keys if key in values]
-    name = ",".join(pairs).replace("/", "_") or f"job{job_num}"
+def run_name(override_dirname: str, job_num: int = 0) -> str:
+    """A run folder's name from Hydra's ``hydra.job.override_dirname`` (``algo=grpo,allocation=gvm,seed=1``: the
+    run's overrides, sorted, without those in ``NOT_IN_RUN_NAMES``), made a safe file name: ``/`` becomes ``_``,
+    a run without overrides is ``default`` (``job<N>`` in a multirun), and a name too long for a file system is
+    shortened with a hash of the whole."""
+    name = str(override_dirname or "").replace("/", "_") or (f"job{job_num}" if job_num else "default")
     if len(name) > MAX_NAME:
         name = f"{name[: MAX_NAME - 11]}~{hashlib.sha1(name.encode()).hexdigest()[:10]}"
     return name

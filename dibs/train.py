@@ -141,6 +141,7 @@ def main(cfg: DictConfig) -> float:
         seed=cfg.seed,
         budget=budget,
         eval_cache=str(Path(cfg.cache_dir).expanduser() / "evals"),
+        template_note=describe_template(HydraConfig.get().runtime.choices.get("template"), plain(cfg.template)),
     )
     datamodule = EMDataModule(
         task.train[: cfg.pool_size],
@@ -166,8 +167,18 @@ def main(cfg: DictConfig) -> float:
             cfg.max_prompt_tokens,
             "; ".join(datamodule.dropped[:3]),
         )
+    pool = len(datamodule.train_problems)
+    if pool < cfg.prompts_per_iteration:  # every iteration then trains on the same prompts, all of them
+        log.warning(
+            "prompt pool: %d prompts (data=%s%s), fewer than prompts_per_iteration=%d: every iteration draws all "
+            "%d; lower prompts_per_iteration or give a larger pool",
+            pool,
+            HydraConfig.get().runtime.choices.get("data"),
+            f", pool_size={cfg.pool_size}" if cfg.pool_size is not None else "",
+            cfg.prompts_per_iteration,
+            pool,
+        )
     if cfg.pool_sampling == "shards":
-        pool = len(datamodule.train_problems)
         log.info("prompt pool: %s", describe_shards(pool, min(cfg.prompts_per_iteration, pool)))
 
     horizon = schedule_horizon(
@@ -221,6 +232,12 @@ def main(cfg: DictConfig) -> float:
     finally:
         rollout.verifier.close()
     return rollout.evals[-1].accuracy if rollout.evals else float("nan")
+
+
+def describe_template(name: str | None, template: dict) -> str:
+    """``template=paper`` with its text (system prompt, user suffix, response prefix), for messages about it."""
+    text = ", ".join(f"{key} {value!r}" for key, value in template.items() if value)
+    return f"template={name or '?'} ({text or 'no system prompt, suffix or prefix: the problem as it is'})"
 
 
 def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str | None, float | None]:

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from dibs.launch import available_cpus, launcher_share, resolve_threads
 
@@ -178,10 +179,27 @@ def joblib_grid(tmp_path_factory, cache):
     return sweep, cpus
 
 
+def run_folders(sweep: Path) -> dict[str, str]:
+    """seed=<n> -> the name of the run folder that ran it (named by all its overrides: Hydra's override_dirname)."""
+    found = {}
+    for run in sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (run / ".hydra" / "overrides.yaml").is_file():  # a job starting: its folder comes first
+            continue
+        seed = next(o for o in OmegaConf.load(run / ".hydra" / "overrides.yaml") if o.startswith("seed="))
+        found[seed] = run.name
+    return found
+
+
+def seed_dir(sweep: Path, seed: int) -> Path:
+    """The folder of the run with seed=<seed> (a path that does not exist yet while its job has not started)."""
+    return sweep / run_folders(sweep).get(f"seed={seed}", f"not-started-seed={seed}") if sweep.is_dir() else sweep
+
+
 def test_a_joblib_grid_runs_side_by_side_with_a_share_of_the_cores_each(joblib_grid):
     sweep, cpus = joblib_grid
-    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs == ["seed=0", "seed=1"]  # named by the swept key, as under the basic launcher
+    folders = run_folders(sweep)
+    assert sorted(folders) == ["seed=0", "seed=1"] and len(set(folders.values())) == 2
+    runs = [folders["seed=0"], folders["seed=1"]]
     share = max(1, cpus // 2)  # 1 on two cores
     logs = [(sweep / run / "train.log").read_text() for run in runs]
     for run, log in zip(runs, logs):
@@ -196,11 +214,12 @@ def test_a_finished_joblib_grid_relaunched_with_ckpt_path_last_is_left_as_it_is(
     """The resume command under joblib finds every run in its own folder (the same names as at the first launch)
     and, all of them finished, trains nothing; the slow test below kills a grid and resumes it."""
     sweep, _ = joblib_grid
-    files = [p for p in sweep.glob("seed=*/**/*") if p.is_file() and ".hydra" not in p.parts]  # Hydra's own aside
+    files = [p for p in sweep.glob("*/**/*") if p.is_file() and ".hydra" not in p.parts]  # Hydra's own aside
     before = {p: p.stat().st_mtime_ns for p in files}
+    folders = run_folders(sweep)
     proc = train("-m", *JOBLIB, f"hydra.sweep.dir={sweep}", f"cache_dir={cache}", "seed=0,1", *TINY, "ckpt_path=last")
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["seed=0", "seed=1"]  # no new folder
-    for run in ("seed=0", "seed=1"):
+    assert run_folders(sweep) == folders  # no new folder: ckpt_path is not part of run names
+    for run in folders.values():
         assert f"{sweep / run / 'checkpoints' / 'last.ckpt'}: the run already finished (1 iterations" in proc.stdout
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before  # not a checkpoint, log or event file touched
@@ -254,7 +273,7 @@ def test_a_joblib_grid_killed_mid_run_resumes_every_run_where_it_stood(tmp_path,
 
     def done(seed: int) -> int:  # the newest iteration checkpointed (older ones are removed: checkpoint.keep)
         found = [
-            int(m[1]) for p in (sweep / f"seed={seed}" / "checkpoints").glob("iter_*.ckpt") if (m := ITER.match(p.name))
+            int(m[1]) for p in (seed_dir(sweep, seed) / "checkpoints").glob("iter_*.ckpt") if (m := ITER.match(p.name))
         ]
         return max(found, default=0)
 
@@ -270,9 +289,9 @@ def test_a_joblib_grid_killed_mid_run_resumes_every_run_where_it_stood(tmp_path,
         proc.wait()
         output.close()
     assert min(done(0), done(1)) >= 2, (tmp_path / "killed.out").read_text()[-5000:]
-    assert not any((sweep / f"seed={s}" / "checkpoints" / "iter_012.ckpt").exists() for s in (0, 1))  # mid-run
+    assert not any((seed_dir(sweep, s) / "checkpoints" / "iter_012.ckpt").exists() for s in (0, 1))  # mid-run
     train("-m", *args, "ckpt_path=last", timeout=600)
-    for run in ("seed=0", "seed=1"):
+    for run in run_folders(sweep).values():
         log = (sweep / run / "train.log").read_text()
         assert re.search(rf"resuming {re.escape(str(sweep / run))} from iter_0\d\d(-update_\d+)?\.ckpt", log), log
         assert "`Trainer.fit` stopped: `max_epochs=12` reached." in log

@@ -1,42 +1,56 @@
-"""Run folder names in a multirun: the axis values, unique per job, usable as file names."""
+"""Run folder names: Hydra's override_dirname of the run, made a safe and short file name."""
 
-from dibs.conf import MAX_NAME, run_name
+import subprocess
+import sys
+from pathlib import Path
 
-JOB = ["algo=raft", "seed=0", "+grid=raft_vs_raftpp", "experiment=smoke", "+data.source.level_weights=[3,1,1,0,0]"]
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
+from dibs.conf import MAX_NAME, NOT_IN_RUN_NAMES, register_resolvers, run_name
 
-def test_a_grid_run_is_named_by_its_axes_in_declared_order():
-    argv = ["-m", "+grid=raft_vs_raftpp", "experiment=smoke"]
-    assert run_name(JOB, {"algo": "raft,raftpp", "seed": "0,1,2"}, 0, argv) == "algo=raft,seed=0"
-
-
-def test_a_key_swept_on_the_command_line_joins_the_grid_axes():
-    job = [*JOB, "allocation.n_per_prompt=8"]
-    argv = ["-m", "+grid=raft_vs_raftpp", "allocation.n_per_prompt=4,8"]
-    name = run_name(job, {"algo": "raft,raftpp", "seed": "0,1,2"}, 3, argv)
-    assert name == "algo=raft,seed=0,allocation.n_per_prompt=8"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_plain_sweep_is_named_by_its_swept_keys_only():
-    assert run_name(JOB, None, 1, ["-m", "seed=0,1", "experiment=smoke"]) == "seed=0"
-    assert run_name(JOB, None, 1, ["-m", "seed=range(3)", "algo=glob(*)"]) == "algo=raft,seed=0"
+def test_a_run_is_named_by_its_overrides():
+    assert run_name("algo=grpo,allocation=gvm,seed=1") == "algo=grpo,allocation=gvm,seed=1"
+    assert run_name("model.path=/data/qwen,seed=0") == "model.path=_data_qwen,seed=0"  # one folder, not three
 
 
-def test_an_unreadable_command_line_falls_back_to_every_override():
-    name = run_name(JOB, None, 1, ["--config-name", "other"])  # 'other' is not an override: not our command
-    assert name == "algo=raft,data.source.level_weights=[3,1,1,0,0],experiment=smoke,seed=0"
+def test_no_override_names_the_default_run_or_the_job():
+    assert run_name("") == "default"
+    assert run_name("", 4) == "job4"
 
 
 def test_long_names_are_shortened_with_a_hash_and_stay_distinct():
-    a = run_name(["x=" + "a" * 300], None, 0, ["--config-name", "other"])
-    b = run_name(["x=" + "a" * 299 + "b"], None, 0, ["--config-name", "other"])
+    a, b = run_name("x=" + "a" * 300), run_name("x=" + "a" * 299 + "b")
     assert len(a) <= MAX_NAME and len(b) <= MAX_NAME and a != b
 
 
-def test_no_axis_gives_the_job_number():
-    assert run_name(["seed=0"], None, 4, ["-m", "seed=0"]) == "job4"
+def test_the_config_leaves_out_the_keys_that_do_not_say_what_a_run_is():
+    with initialize_config_module("dibs.configs", version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    excluded = OmegaConf.to_container(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert sorted(excluded) == sorted(NOT_IN_RUN_NAMES)
 
 
-def test_axes_declared_with_a_plus_name_their_key():
-    job = ["++algo.lr=0.001", "seed=0", "+grid=g"]
-    assert run_name(job, {"++algo.lr": "0.001,0.002", "seed": "0,1"}, 0, ["-m", "+grid=g"]) == "algo.lr=0.001,seed=0"
+def test_run_and_sweep_folders_are_named_by_the_overrides(tmp_path):
+    """The real Hydra resolves the folder names: a single run and a grid's runs (with the grid and the cache
+    left out), printed by --cfg hydra without running anything."""
+    register_resolvers()
+
+    def hydra_cfg(*args: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, "train.py", *args, "--cfg", "hydra", "--resolve"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return OmegaConf.to_container(OmegaConf.create(out))["hydra"]
+
+    single = hydra_cfg("algo=grpo", "seed=1", "cache_dir=/tmp/x")
+    head, stamp = single["run"]["dir"].split("/")[-2:]
+    assert single["run"]["dir"].startswith("outputs/") and head == "algo=grpo,seed=1" and stamp[:2] == "20"
+    default = hydra_cfg()
+    assert default["run"]["dir"].split("/")[1] == "default"

@@ -66,6 +66,7 @@ class RolloutCallback(L.Callback):
         text_samples: int = 3,
         grad_token_budget: int = 16384,
         eval_cache: str | None = None,
+        template_note: str = "the run's prompt template",
     ) -> None:
         if recompute_old_logprobs not in (True, False, "auto"):
             raise ValueError(f"algo.recompute_old_logprobs={recompute_old_logprobs!r} is not true, false or auto")
@@ -92,6 +93,8 @@ class RolloutCallback(L.Callback):
         self._train_started = 0.0
         self._pushed_at = -1  # global step of the weights the generator holds
         self.resumed = False  # set by train.py before fit when it resumes from a checkpoint
+        # what the prompts look like (train.py: `template=<name>` and its text), named when nothing is accepted
+        self.template_note, self._warned_nothing_accepted = template_note, False
 
     # ---- hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -256,6 +259,14 @@ class RolloutCallback(L.Callback):
         self.totals["samples"] += generated["rollout/generated_samples"]
         self.totals["tokens"] += generated["rollout/generated_tokens"]
         self.totals["accepted"] += result.counts["accepted"]
+        if self.totals["accepted"] == 0 and not self._warned_nothing_accepted:
+            self._warned_nothing_accepted = True
+            warn(
+                f"iteration {iteration + 1}: not one of the {result.counts['samples']} samples generated so far was "
+                f"accepted (reward 0 for every one). The prompts use {self.template_note}: a model not trained on "
+                "that format may never state an answer the verifier reads. Check `template=` (data=jsonl selects "
+                "template=paper) against the model's training format, and the answers' format in the data"
+            )
         self.totals["pilot_samples"] += generated["pilot/samples"]
         self.totals["pilot_tokens"] += generated["pilot/tokens"]
         self.totals["wall_s"] += time.perf_counter() - started
