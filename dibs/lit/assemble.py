@@ -14,7 +14,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from dibs.data.tokenizer import load_tokenizer, train_tokenizer
 from dibs.lit.datamodule import UPDATE_ACCOUNTING
 from dibs.lit.evaluation import EvalPlan
 from dibs.lit.logs import info, warn
-from dibs.lit.warmstart import WarmStartReport, cache_key, load_cached, sft
+from dibs.lit.warmstart import WarmStartReport, cache_key, load_cached, load_curves, log_curves, sft
 from dibs.modeling import DTYPES, build_tiny_qwen2, count_parameters, load_pretrained, require_model_folder
 from dibs.rollout.base import SamplingParams
 from dibs.rollout.hf import HFGenerator
@@ -48,12 +48,15 @@ def prepare_policy(
     eval_sampling: SamplingParams,
     verifier: Any,
     pool_size: int | None,
+    loggers: Sequence[Any] = (),
+    show_progress: bool = True,
 ):
     """Returns (policy, tokenizer). ``model`` holds the model config group; ``warmstart`` the SFT group;
     ``verifier`` is the run's verifier (the ``reward`` group), which the warm start's accuracy probe shares with the
     E-steps: the caller starts it (its workers come up during the warm start) and closes it;
     ``pool_size`` the RL pool (the first problems of the split), which ``warmstart.skip_pool`` leaves out of
-    the SFT."""
+    the SFT; ``loggers`` the run's Lightning loggers, which get the SFT's curves (``warmstart/*``), replayed from
+    the cache when π0 is loaded from it; ``show_progress``: the SFT's progress bar."""
     skip = (pool_size or 0) if warmstart["skip_pool"] else 0
     if model.get("path"):
         require_model_folder(model["path"])  # a wrong path fails before anything else runs
@@ -75,6 +78,7 @@ def prepare_policy(
             f"pi0: reusing cached warm start {folder} (SFT {report.steps} steps, {report.seconds:.0f}s, "
             f"{_accuracy(report)} when it stopped)"
         )
+        _replay_curves(folder, loggers)
         return policy, load_tokenizer(folder)
     _remove_stale_staging(folder.parent)
     staging = folder.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
@@ -90,7 +94,18 @@ def prepare_policy(
         f"({warmstart['steps']} steps max, stop at {100 * warmstart['target_accuracy']:.0f}% accuracy)"
     )
     report = _run_sft(
-        policy, tokenizer, task, template, warmstart, staging, max_prompt_tokens, eval_sampling, verifier, skip
+        policy,
+        tokenizer,
+        task,
+        template,
+        warmstart,
+        staging,
+        max_prompt_tokens,
+        eval_sampling,
+        verifier,
+        skip,
+        loggers=loggers,
+        show_progress=show_progress,
     )
     info(
         f"pi0: SFT stopped by {report.stopped_by} after {report.steps} steps ({report.seconds:.0f}s), "
@@ -103,9 +118,13 @@ def prepare_policy(
     return policy, tokenizer
 
 
-def policy_from_config(cfg: Any, task: TaskSplits, verifier: Any, *, cache_dir: str | None = None):
+def policy_from_config(
+    cfg: Any, task: TaskSplits, verifier: Any, *, cache_dir: str | None = None, loggers: Sequence[Any] = ()
+):
     """``prepare_policy`` with the settings of a composed run config (``train.py``, the benchmarks): π0 and its
-    tokenizer, from the warm-start cache or built. ``cache_dir`` overrides ``cfg.cache_dir``."""
+    tokenizer, from the warm-start cache or built. ``cache_dir`` overrides ``cfg.cache_dir``; ``loggers``: the
+    run's Lightning loggers, for the warm start's curves. The SFT shows a progress bar unless
+    ``trainer.enable_progress_bar`` is false."""
     from omegaconf import OmegaConf
 
     plain = lambda node: OmegaConf.to_container(node, resolve=True)
@@ -120,6 +139,8 @@ def policy_from_config(cfg: Any, task: TaskSplits, verifier: Any, *, cache_dir: 
         eval_sampling=SamplingParams(**plain(cfg.eval.sampling)),
         verifier=verifier,
         pool_size=cfg.pool_size,
+        loggers=loggers,
+        show_progress=cfg.trainer.get("enable_progress_bar", True) is not False,
     )
 
 
@@ -146,8 +167,32 @@ def _remove_stale_staging(cache: Path, max_age_s: float = 86_400) -> None:
         info(f"removed {path}, a warm start left half-built by a killed process")
 
 
+def _replay_curves(folder: Path, loggers: Sequence[Any]) -> None:
+    """The cached π0's SFT curves to the run's loggers, so every run shows how its π0 was made."""
+    if not loggers:
+        return
+    curves = load_curves(folder)
+    if curves is None:
+        info(f"pi0: {folder} was cached before the warm start saved its curves: no warmstart/* curves to show")
+        return
+    for row in curves:
+        log_curves(loggers, row)
+
+
 def _run_sft(
-    policy, tokenizer, task, template, warmstart, out_dir, max_prompt_tokens, eval_sampling, verifier, skip
+    policy,
+    tokenizer,
+    task,
+    template,
+    warmstart,
+    out_dir,
+    max_prompt_tokens,
+    eval_sampling,
+    verifier,
+    skip,
+    *,
+    loggers: Sequence[Any],
+    show_progress: bool,
 ) -> WarmStartReport:
     # Without a held-out split, the stop rule probes the pool's tail, which the SFT then leaves out.
     held_out = task.test or task.train[-warmstart["eval_problems"] :]
@@ -196,6 +241,8 @@ def _run_sft(
             schedule=warmstart["schedule"],
             measure=measure,
             out_dir=out_dir,
+            loggers=loggers,
+            show_progress=show_progress,
         )
 
 
