@@ -193,15 +193,14 @@ class HFGenerator:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _progress(self, chunks: list[list[int]], total_rows: int):
-        if not self.show_progress:
-            yield from chunks
-            return
-        from tqdm.auto import tqdm  # installed with lightning
+        """The chunks, counted on a transient bar of the run's console (``dibs.lit.console.progress``: above it
+        the log lines, under it Lightning's training bar; none off a terminal or on a rank > 0)."""
+        from dibs.lit.console import progress
 
-        with tqdm(total=total_rows, desc="generating", unit="sample", leave=False) as bar:
+        with progress(total_rows, "generating", unit="samples", enabled=self.show_progress) as advance:
             for chunk in chunks:
                 yield chunk
-                bar.update(len(chunk))
+                advance(len(chunk))
 
 
 def _cut_at_eos(row: torch.Tensor, eos: int) -> torch.Tensor:

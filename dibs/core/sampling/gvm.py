@@ -5,7 +5,7 @@ The pilot and estimate settings (docs/method.md, "GVM's E-step"):
 
 - ``reuse_pilot``: the pilot's samples count towards n_i (min(n_i, N') of them train, stage 2 draws the rest);
   the reference discards them and draws all n_i afresh.
-- ``refresh_every``: every prompt is piloted on iterations k with k % refresh_every == 0; in between only the
+- ``refresh_every`` (r): every prompt is piloted on iterations 1, 1 + r, 1 + 2r, ...; in between only the
   prompts never estimated before, the others reuse their stored estimates.
 - ``online``: no pilot for a prompt estimated before; after each iteration its estimates are taken from its
   training samples (p from all of them, G from up to N' accepted ones).
