@@ -38,11 +38,13 @@ def main(cfg: DictConfig) -> float:
     from dibs.data.synthetic import TaskSplits
     from dibs.data.tokenizer import load_tokenizer
     from dibs.lit.assemble import build_eval_plan
+    from dibs.lit.console import setup_console
     from dibs.lit.evaluation import eval_seed, evaluate
     from dibs.lit.weights import EXPORT_META
     from dibs.modeling import load_pretrained, require_model_folder
     from dibs.schema import ConfigError, validate_config
 
+    setup_console()  # Lightning's messages once each, without its tips; warnings logged (dibs.lit.console)
     try:  # the same schema as train.py: a bad value fails before any model is loaded
         validate_config(OmegaConf.to_container(cfg, resolve=True))
     except ConfigError as error:

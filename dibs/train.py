@@ -89,11 +89,14 @@ def main(cfg: DictConfig) -> float:
     from dibs.estep.step import check_keep_rejected
     from dibs.lit.assemble import build_eval_plan, check_update_accounting, policy_from_config, schedule_horizon
     from dibs.lit.checkpoints import IterationCheckpoint
+    from dibs.lit.console import setup_console
     from dibs.lit.datamodule import EMDataModule
     from dibs.lit.module import EMModule
+    from dibs.lit.progress import IterationProgressBar
     from dibs.lit.rollout import RolloutCallback
     from dibs.rollout.base import SamplingParams
 
+    setup_console()  # Lightning's messages once each, without its tips; warnings logged (dibs.lit.console)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.rollout.backend == "vllm":  # a missing vllm or GPU fails before anything else runs
@@ -216,6 +219,8 @@ def main(cfg: DictConfig) -> float:
     rollout.resumed = checkpoint.resumed = resume is not None
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(flatten(plain(cfg)))
+    # "iteration k/N", the loss and the E-step's acceptance (dibs.lit.progress), unless the bar is switched off
+    bar = [IterationProgressBar(rollout)] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer = L.Trainer(
         **instantiate(cfg.trainer),
         max_epochs=cfg.iterations,
@@ -224,7 +229,7 @@ def main(cfg: DictConfig) -> float:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[rollout, checkpoint],
+        callbacks=[rollout, checkpoint, *bar],
         default_root_dir=run_dir,
     )
     try:

@@ -12,7 +12,7 @@ it, never glued onto it.
 - ``setup_console``: called once by ``dibs.train`` and ``dibs.evaluate`` after Lightning is imported. The
   ``lightning`` package attaches a handler of its own at import, so each Lightning message printed twice; it
   goes, and so do Lightning's advertising tips. Python warnings are logged (above the bars, into the log file),
-  without the deprecation warnings Lightning's own code raises, which no setting of a run can silence.
+  without those no setting of a run can silence or that say nothing about it (``QUIET_WARNINGS``).
 - ``progress``: a transient bar for a loop that runs long (generation, the warm start), on the same console;
   shown on a terminal only, on rank 0 only, so no redraws end up in a log file.
 
@@ -37,10 +37,13 @@ __all__ = ["TIP_MARKER", "console_handler", "is_rank_zero", "live_console", "pro
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # set by launchers for a run's processes
 TIP_MARKER = "💡"  # Lightning's tips ("💡 Tip: ... litlogger ...") start with it
-# Deprecation warnings raised inside Lightning by the torch it runs on: nothing a run's settings can change.
+# (message, category, module): warnings nothing in a run's settings can change, or that say nothing about it.
 QUIET_WARNINGS = (
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
-    (r"`LeafSpec` is deprecated", FutureWarning),
+    # raised inside Lightning by the torch it runs on
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, ""),
+    (r"`LeafSpec` is deprecated", FutureWarning, ""),
+    # an M-step skipped before the first update still steps the schedule, on purpose (dibs.lit.module)
+    (r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`", UserWarning, r"dibs\.lit\.module"),
 )
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 _RANK_ZERO_LOGGERS = (  # where Lightning's rank_zero_info writes, whichever package set it last
@@ -105,8 +108,8 @@ def setup_console() -> None:
         logger = logging.getLogger(name)
         if _DROP_TIPS not in logger.filters:
             logger.addFilter(_DROP_TIPS)
-    for message, category in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     logging.captureWarnings(True)  # "py.warnings": one line above the bars, and in the log file
 
 

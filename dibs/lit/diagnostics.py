@@ -30,6 +30,7 @@ def log_allocation_images(trainer: L.Trainer, stats: PromptStats, n: np.ndarray,
     fig, ax = plt.subplots(figsize=(5, 3.5))
     points = ax.scatter(p, n, c=g, s=10, cmap="viridis")
     fig.colorbar(points, ax=ax, label="G_i")
-    ax.set(xlabel="pilot acceptance rate p_i", ylabel="samples n_i", title=f"allocation, iteration {iteration}")
+    # ``iteration``: the E-step's 0-based index; titled from 1, as every message numbers iterations
+    ax.set(xlabel="pilot acceptance rate p_i", ylabel="samples n_i", title=f"allocation, iteration {iteration + 1}")
     fig.tight_layout()
     experiment.add_figure("alloc/n_vs_p", fig, step, close=True)

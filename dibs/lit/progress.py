@@ -3,11 +3,13 @@
     iteration 2/12 ━━━━━━━━━━━━━━━━━━━━━━━ 17/32 0:00:04 • 0:00:04 4.01it/s loss: 0.0213 accepted: 412/2048 (20%)
 
 - the description is "iteration k/N" (1-based, as the log lines, exports and checkpoints number iterations), not
-  Lightning's 0-based "Epoch k-1/N-1"; ``label`` names another unit (e.g. a warm start's "SFT epoch");
+  Lightning's 0-based "Epoch k-1/N-1"; ``label`` names another unit, and stands alone where the epochs are
+  unbounded (a trainer stopped by ``max_steps``, e.g. a warm start's SFT: "warm start");
 - ``loss``: the latest update's, read from ``training_step``'s return value (the loss it back-propagated), so an
   iteration whose M-step is skipped shows none rather than the previous iteration's;
 - ``accepted``: accepted / generated samples of the E-step that fed this M-step, read from ``source.acceptance``
-  (``RolloutCallback``: {0-based iteration: (accepted, generated)}); absent when no source is given.
+  (``RolloutCallback``: {0-based iteration: (accepted, generated)}); absent when no source is given;
+- whatever the module logs with ``prog_bar=True`` (e.g. a warm start's probe accuracy).
 
 Drawn on rich's global console, like the log lines (``dibs.lit.console``), which print above it. On rank > 0
 Lightning disables it; where the console is no terminal (a CI log, ``> file``) it disables itself: redraws
@@ -58,7 +60,7 @@ class IterationProgressBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         total = self.trainer.max_epochs
-        return f"{self.label} {current_epoch + 1}" + (f"/{total}" if total is not None and total > 0 else "")
+        return f"{self.label} {current_epoch + 1}/{total}" if total is not None and total > 0 else self.label
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.loss = None
@@ -80,6 +82,8 @@ class IterationProgressBar(RichProgressBar):
         metrics: dict[str, float | str] = {}
         if self.loss is not None:
             metrics["loss"] = self.loss
+        for name, value in trainer.progress_bar_metrics.items():
+            metrics[name] = value.item() if isinstance(value, torch.Tensor) else value
         counts = self.source.acceptance.get(trainer.current_epoch) if self.source is not None else None
         if counts is not None:
             metrics["accepted"] = format_acceptance(*counts)

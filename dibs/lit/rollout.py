@@ -89,6 +89,7 @@ class RolloutCallback(L.Callback):
         self.totals = {"samples": 0, "tokens": 0, "accepted": 0, "wall_s": 0.0, "pilot_samples": 0, "pilot_tokens": 0}
         self.totals["samples_before"] = 0  # generated samples before the held iteration's E-step
         self.evals: list[EvalResult] = []
+        self.acceptance: dict[int, tuple[int, int]] = {}  # iteration (0-based) -> (accepted, generated), the bar's
         self.estep: EStep | None = None  # built in on_fit_start, once the processes and the policy exist
         self._train_started = 0.0
         self._pushed_at = -1  # global step of the weights the generator holds
@@ -160,6 +161,7 @@ class RolloutCallback(L.Callback):
             "totals": dict(self.totals),
             "evals": [e.__dict__ for e in self.evals],
             "strategy": self.strategy.state_dict(),
+            "acceptance": {k: list(v) for k, v in self.acceptance.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -172,6 +174,7 @@ class RolloutCallback(L.Callback):
                 " it cannot be resumed by this version; start the run again"
             )
         self.evals = [EvalResult(**e) for e in state["evals"]]
+        self.acceptance = {int(k): (int(a), int(g)) for k, (a, g) in state.get("acceptance", {}).items()}
         self.strategy.load_state_dict(state["strategy"])
 
     def costs(self, trainer: L.Trainer) -> dict[str, float]:
@@ -270,6 +273,8 @@ class RolloutCallback(L.Callback):
         self.totals["pilot_samples"] += generated["pilot/samples"]
         self.totals["pilot_tokens"] += generated["pilot/tokens"]
         self.totals["wall_s"] += time.perf_counter() - started
+        accepted = int(sum(r.tally.hits.sum() for r in result.rounds))  # of everything generated, all ranks
+        self.acceptance[iteration] = (accepted, int(generated["rollout/generated_samples"]))
         self._log_e_step(trainer, dm, result)
 
     def _log_e_step(self, trainer: L.Trainer, dm, result: EStepResult) -> None:
@@ -283,7 +288,7 @@ class RolloutCallback(L.Callback):
             "pilot/tokens_cum": totals["pilot_tokens"],
             "stage2/samples_cum": totals["samples"] - totals["pilot_samples"],
             "stage2/tokens_cum": totals["tokens"] - totals["pilot_tokens"],
-            "iteration": result.iteration,
+            "iteration": result.iteration + 1,  # numbered as the messages, exports and checkpoints are
         }
         metrics.update(peak_memory(trainer.strategy.root_device, "e_step"))
         self._log(trainer, metrics)

@@ -30,6 +30,14 @@ class Model(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class ProbedModel(Model):
+    """A warm start's SFT: an accuracy logged to the bar besides the loss."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("accuracy", 0.25, prog_bar=True, logger=False)
+        return super().training_step(batch, batch_idx)
+
+
 class Probe(L.Callback):
     """What the bar would show, read after the bar's own hooks (it runs after the bar)."""
 
@@ -43,7 +51,7 @@ class Probe(L.Callback):
         self.seen.append((batch_idx, trainer.current_epoch, self.bar.get_metrics(trainer, pl_module)))
 
 
-def fit(tmp_path, bar):
+def fit(tmp_path, bar, model=None):
     probe = Probe(bar)
     trainer = L.Trainer(
         max_epochs=2,
@@ -54,7 +62,7 @@ def fit(tmp_path, bar):
         callbacks=[bar, probe],
         default_root_dir=tmp_path,
     )
-    trainer.fit(Model(), DataLoader(torch.randn(4, 2), batch_size=2))
+    trainer.fit(model or Model(), DataLoader(torch.randn(4, 2), batch_size=2))
     return trainer, probe.seen
 
 
@@ -73,12 +81,12 @@ def test_the_bar_shows_the_latest_loss_and_the_feeding_e_steps_acceptance(tmp_pa
     ]
 
 
-def test_without_a_known_acceptance_the_bar_shows_the_loss_only(tmp_path):
+def test_without_a_known_acceptance_the_bar_shows_the_loss_and_what_the_module_shows(tmp_path):
     bar = IterationProgressBar(SimpleNamespace(acceptance={}))  # e.g. a checkpoint written before it was kept
     _, seen = fit(tmp_path, bar)
     assert seen[1] == (0, 0, {"loss": 0.5}) and seen[0] == ("start", 0, {})
-    _, seen = fit(tmp_path, IterationProgressBar())  # no source at all (a warm start's trainer)
-    assert seen[2] == (1, 0, {"loss": 1.5})
+    _, seen = fit(tmp_path, IterationProgressBar(), ProbedModel())  # no source at all (a warm start's trainer)
+    assert seen[2] == (1, 0, {"loss": 1.5, "accuracy": 0.25})
 
 
 def test_on_a_terminal_the_bar_counts_iterations_from_one(tmp_path, monkeypatch):
@@ -87,9 +95,9 @@ def test_on_a_terminal_the_bar_counts_iterations_from_one(tmp_path, monkeypatch)
     fit(tmp_path, bar)
     assert bar.is_enabled
     assert bar.train_progress_bar.description == "iteration 2/2" and bar.train_progress_bar.completed == 2
-    labelled = IterationProgressBar(label="SFT epoch")
-    labelled._trainer = SimpleNamespace(max_epochs=-1)  # a run bounded by max_steps: no total
-    assert labelled._get_train_description(0) == "SFT epoch 1"
+    labelled = IterationProgressBar(label="warm start")
+    labelled._trainer = SimpleNamespace(max_epochs=-1)  # a run bounded by max_steps: the label alone
+    assert labelled._get_train_description(0) == "warm start"
 
 
 def test_off_a_terminal_the_bar_draws_nothing(tmp_path, capsys):
