@@ -184,6 +184,11 @@ class Checkpointing(_Closed):
     trust: bool
 
 
+class Export(_Closed):
+    every: int = Field(ge=0)  # 0: only the final iteration
+    keep_last: int | None = Field(ge=1)  # null: every export
+
+
 class Reward(_Open):  # None: a key this reward does not have
     num_workers: int | None = Field(default=None, ge=1)
     timeout_s: int | None = Field(default=None, ge=1)  # whole seconds: SIGALRM takes no fraction
@@ -220,6 +225,7 @@ class Config(_Open):
     cache_dir: str
     ckpt_path: str | None
     checkpoint: Checkpointing
+    export: Export
     budget: Budget
     allocation: Allocation
     rollout: Rollout

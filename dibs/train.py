@@ -42,6 +42,7 @@ RESUME_MAY_CHANGE = (
     "run_dir",
     "cache_dir",
     "evaluate.",
+    "export.",
     "trainer.enable_progress_bar",
     "rollout.generator.show_progress",
 )
@@ -91,6 +92,7 @@ def main(cfg: DictConfig) -> float:
     from dibs.lit.checkpoints import IterationCheckpoint
     from dibs.lit.console import setup_console
     from dibs.lit.datamodule import EMDataModule
+    from dibs.lit.export import ExportOptions, card_facts
     from dibs.lit.module import EMModule
     from dibs.lit.progress import IterationProgressBar
     from dibs.lit.rollout import RolloutCallback
@@ -141,6 +143,8 @@ def main(cfg: DictConfig) -> float:
         evaluation=evaluation,
         **e_step,
         export_dir=str(run_dir / "hf"),
+        export=ExportOptions(**plain(cfg.export)),  # which iterations are exported and kept
+        card=card_facts(plain(cfg), HydraConfig.get().overrides.task, HydraConfig.get().runtime.choices),
         seed=cfg.seed,
         budget=budget,
         eval_cache=str(Path(cfg.cache_dir).expanduser() / "evals"),

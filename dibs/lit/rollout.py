@@ -38,9 +38,10 @@ from dibs.lit.diagnostics import log_allocation_images
 from dibs.lit.dist import dist_of
 from dibs.lit.eval_cache import eval_key, load_eval, save_eval
 from dibs.lit.evaluation import EvalPlan, EvalResult, eval_seed, evaluate, format_summary, val_metrics
+from dibs.lit.export import ExportOptions, export_iteration
 from dibs.lit.logs import info, log_step, peak_memory, warn
 from dibs.lit.scoring import sampler_logprobs_are_trainers, score_trajectories
-from dibs.lit.weights import export_policy, iter_full_tensors
+from dibs.lit.weights import iter_full_tensors
 from dibs.rollout.base import Generator, SamplingParams
 
 __all__ = ["RolloutCallback"]
@@ -62,6 +63,8 @@ class RolloutCallback(L.Callback):
         seed: int,
         evaluation: EvalPlan | None = None,
         export_dir: str | None = None,
+        export: ExportOptions | None = None,
+        card: dict[str, Any] | None = None,
         budget: Budget | None = None,
         text_samples: int = 3,
         grad_token_budget: int = 16384,
@@ -81,6 +84,8 @@ class RolloutCallback(L.Callback):
         self.e_step_options = dict(keep_rejected=keep_rejected, filter_equal_groups=filter_equal_groups)
         self.recompute_old_logprobs = recompute_old_logprobs
         self.evaluation, self.export_dir, self.text_samples = evaluation, export_dir, text_samples
+        # which iterations are exported and kept (dibs.lit.export; None: all), the run's facts for the model card
+        self.export, self.card = export or ExportOptions(every=1, keep_last=None), card or {}
         self.grad_token_budget = grad_token_budget
         self.eval_cache = Path(eval_cache) if eval_cache else None  # π0's evaluation, reused (dibs.lit.eval_cache)
         self.budget = budget or Budget()
@@ -137,7 +142,7 @@ class RolloutCallback(L.Callback):
         spent = (self.totals["samples_before"], self.totals["samples"])  # this iteration's E-step, cumulative
         if self.evaluation and self.evaluation.due(iteration, last, spent):
             self._evaluate(trainer, iteration)
-        self._export(trainer, iteration)
+        self._export(trainer, iteration, last)
         if stop:
             info(
                 f"budget reached after iteration {iteration}: "
@@ -355,13 +360,20 @@ class RolloutCallback(L.Callback):
         scores = ", ".join(f"{name} {100 * s[f'avg@{plan.samples}']:.1f}%" for name, s in result.scores.items())
         info(f"held-out Average@{plan.samples} ({label}): {scores}")
 
-    def _export(self, trainer: L.Trainer, iteration: int) -> None:
-        if self.export_dir:  # every rank: a collective under FSDP2
-            export_policy(
+    def _export(self, trainer: L.Trainer, iteration: int, last: bool) -> None:
+        if self.export_dir:  # every rank: a collective under FSDP2; rank 0 writes and thins (dibs.lit.export)
+            export_iteration(
                 trainer.lightning_module.policy,
                 self.tokenizer,
-                Path(self.export_dir) / f"iter_{iteration:03d}",
-                {"iteration": iteration, "global_step": trainer.global_step, "seed": self.seed},
+                Path(self.export_dir),
+                self.export,
+                iteration=iteration,
+                last=last,
+                global_step=trainer.global_step,
+                seed=self.seed,
+                evals=self.evals,
+                sampling=self.sampling,
+                card=self.card,
                 write=trainer.is_global_zero,
             )
 

@@ -6,7 +6,8 @@ already full.
 
 - ``full_state_dict``: every full tensor at once, on rank 0's CPU (``get_model_state_dict``), for exports.
 - ``export_policy``: the policy as a Hugging Face folder with ``dibs_export.json`` (iteration, seed), what
-  ``python -m dibs.evaluate`` needs to repeat that iteration's evaluation exactly.
+  ``python -m dibs.evaluate`` needs to repeat that iteration's evaluation exactly. ``dibs.lit.export`` decides
+  which iterations are exported and kept, and adds the generation config and the model card.
 - ``iter_full_tensors``: one full tensor at a time, for pushing weights into a generator in buckets, so a rank
   holds at most one bucket of gathered tensors next to its shard, not a whole second copy of the model.
 """

@@ -1,0 +1,385 @@
+"""Hugging Face exports of the policy: which iterations are written and kept, and how a folder is written.
+
+A run writes ``<run_dir>/hf/iter_NNN`` (NNN: the iterations done, 1-based) after every ``export.every``-th
+iteration and always after the last one. Each folder holds the model, the tokenizer, ``dibs_export.json``
+(iteration, updates, seed: what ``python -m dibs.evaluate`` needs to repeat that iteration's evaluation),
+``generation_config.json`` with the run's E-step sampling (so a plain ``model.generate()`` samples as the run did
+and is not cut at transformers' default 20 tokens) and a model card, ``README.md``.
+
+**Thinning** (``select``, pure). Of the exports written so far, the newest ``export.keep_last`` are kept, and
+always the newest one and the best one by ``val/acc`` (the held-out evaluation after that iteration; an
+iteration that was not evaluated cannot be best; of equal accuracies the earliest stays best, so a later tie
+deletes nothing). The decision depends only on the iteration numbers and the evaluations, both in the
+checkpoint, so a run killed at any moment and resumed with ``ckpt_path=last`` keeps the same folders as an
+uninterrupted run. ``hf/exports.json`` lists the kept exports with their updates and accuracy, and names the
+best and the last.
+
+**Atomic.** A folder is written under a hidden name (``.iter_NNN.partial``) and renamed into place, so a kill
+never leaves a half-written folder that looks complete; the manifest is replaced in one rename; only then are
+the folders no longer kept deleted. Whatever a kill leaves (a partial folder, a folder not yet deleted) is
+cleared by the next export, which a resumed run writes again. Every rank gathers the weights (a collective under
+FSDP2); only the writing rank (global rank 0) touches the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from transformers import GenerationConfig
+
+from dibs import __version__
+from dibs.core.tags import VAL_ACC
+from dibs.lit.evaluation import EvalResult
+from dibs.lit.logs import info
+from dibs.lit.weights import EXPORT_META, export_policy
+from dibs.rollout.base import SamplingParams
+
+__all__ = [
+    "MANIFEST",
+    "ExportOptions",
+    "Selection",
+    "card_facts",
+    "export_iteration",
+    "folder_name",
+    "generation_config",
+    "model_card",
+    "publish",
+    "select",
+    "thin",
+]
+
+MANIFEST = "exports.json"  # in the hf/ folder: the kept exports, the best and the last
+_EXPORT = re.compile(r"^iter_(\d+)$")
+_LEFTOVER = re.compile(r"^\.iter_\d+\.(partial|old)$")  # what a kill in the middle of a write leaves
+
+
+def folder_name(iteration: int) -> str:
+    return f"iter_{iteration:03d}"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The ``export`` config block: ``every`` k-th iteration (0: the last only), the ``keep_last`` newest kept
+    (None: every export), besides the last and the best, which are always kept."""
+
+    every: int
+    keep_last: int | None
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"export.every={self.every} must be >= 0 (0: only the final iteration is exported)")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"export.keep_last={self.keep_last} must be >= 1 or null (keep every export)")
+
+    def due(self, iteration: int, last: bool) -> bool:
+        """Whether the policy after ``iteration`` (1-based) is exported: every ``every``-th, and the last."""
+        return last or (self.every > 0 and iteration % self.every == 0)
+
+    def exported(self, iteration: int, last: bool) -> list[int]:
+        """The iterations a run has exported once ``iteration`` is done (``last``: it ends there)."""
+        return [i for i in range(1, iteration + 1) if self.due(i, last and i == iteration)]
+
+
+@dataclass(frozen=True)
+class Selection:
+    keep: tuple[int, ...]  # ascending
+    best: int | None  # the kept export with the highest val/acc; None when no export was evaluated
+    last: int | None  # the newest export
+
+
+def select(exported: Sequence[int], accuracy: Mapping[int, float], keep_last: int | None) -> Selection:
+    """Which of the ``exported`` iterations (ascending) stay: the ``keep_last`` newest (None: all), the newest, and
+    the best by ``accuracy`` (val/acc per evaluated iteration; NaN never wins; a tie goes to the earliest)."""
+    if not exported:
+        return Selection((), None, None)
+    scored = [i for i in exported if i in accuracy and math.isfinite(accuracy[i])]
+    best = max(scored, key=lambda i: (accuracy[i], -i)) if scored else None
+    newest = list(exported) if keep_last is None else list(exported)[-keep_last:]
+    keep = set(newest) | {exported[-1]} | ({best} if best is not None else set())
+    return Selection(tuple(sorted(keep)), best, exported[-1])
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+
+def generation_config(sampling: SamplingParams, tokenizer: Any) -> GenerationConfig:
+    """The run's E-step sampling as transformers' defaults for ``generate()``. Every value is explicit:
+    ``top_k=0`` (off) stays 0 instead of transformers' 50, and ``max_new_tokens`` replaces its 20-token length."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_new_tokens=sampling.max_new_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def publish(hf_dir: Path, iteration: int, write: Any) -> Path:
+    """Write a folder under a hidden name with ``write(folder)`` and rename it into ``hf_dir/iter_NNN`` (an
+    earlier one of the same iteration, from a run resumed before its checkpoint, is replaced)."""
+    final = hf_dir / folder_name(iteration)
+    staging, old = hf_dir / f".{final.name}.partial", hf_dir / f".{final.name}.old"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    write(staging)
+    if final.exists():  # a directory cannot be renamed over a full one: set it aside first
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def thin(hf_dir: Path, selection: Selection, accuracy: Mapping[int, float], pi0: float | None = None) -> list[str]:
+    """Write the manifest of the kept exports, then delete every other export folder (and any leftover of an
+    interrupted write). Returns the deleted folders' names."""
+    present = {int(m.group(1)): p for p in hf_dir.iterdir() if p.is_dir() and (m := _EXPORT.match(p.name))}
+    kept = [i for i in selection.keep if i in present]  # a run started from another folder's checkpoint lacks some
+    entries = []
+    for i in kept:
+        meta_file = present[i] / EXPORT_META
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        entries.append(
+            {
+                "folder": folder_name(i),
+                "iteration": i,
+                "global_step": meta.get("global_step"),
+                VAL_ACC: accuracy.get(i),
+                "best": i == selection.best,
+                "last": i == selection.last,
+            }
+        )
+    manifest = {
+        "best": folder_name(selection.best) if selection.best in kept else None,
+        "last": folder_name(selection.last) if selection.last in kept else None,
+        "metric": VAL_ACC,
+        "pi0": {VAL_ACC: pi0},
+        "exports": entries,
+    }
+    staging = hf_dir / f".{MANIFEST}.partial"
+    staging.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(staging, hf_dir / MANIFEST)
+    deleted = []
+    for path in sorted(hf_dir.iterdir()):
+        match = _EXPORT.match(path.name)
+        if path.is_dir() and ((match and int(match.group(1)) not in selection.keep) or _LEFTOVER.match(path.name)):
+            shutil.rmtree(path)
+            deleted.append(path.name)
+    return deleted
+
+
+def export_iteration(
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    hf_dir: Path,
+    options: ExportOptions,
+    *,
+    iteration: int,
+    last: bool,
+    global_step: int,
+    seed: int,
+    evals: Sequence[EvalResult],
+    sampling: SamplingParams,
+    card: Mapping[str, Any],
+    write: bool,
+) -> Path | None:
+    """Export the policy after ``iteration`` when due, then thin the exports. Every rank calls this (the weights
+    are gathered by all); only ``write`` (global rank 0) writes and deletes. Returns the folder, if written."""
+    if not options.due(iteration, last):
+        return None
+    accuracy = {e.iteration: e.accuracy for e in evals if e.iteration > 0}
+    meta = {"iteration": iteration, "global_step": global_step, "seed": seed, VAL_ACC: accuracy.get(iteration)}
+
+    def fill(folder: Path) -> None:
+        export_policy(policy, tokenizer, folder, meta, write=write)
+        if write:
+            generation_config(sampling, tokenizer).save_pretrained(folder)
+            text = model_card(card, iteration=iteration, global_step=global_step, evals=evals, sampling=sampling)
+            ModelCard(text).save(folder / "README.md")
+
+    if not write:
+        fill(hf_dir / f".{folder_name(iteration)}.partial")  # the gather only: nothing is written there
+        return None
+    folder = publish(hf_dir, iteration, fill)
+    selection = select(options.exported(iteration, last), accuracy, options.keep_last)
+    pi0 = next((e.accuracy for e in evals if e.iteration == 0), None)
+    deleted = thin(hf_dir, selection, accuracy, pi0)
+    best = f", best by {VAL_ACC} {folder_name(selection.best)}" if selection.best is not None else ""
+    info(f"exported {folder}{best}" + (f"; deleted {', '.join(deleted)}" if deleted else ""))
+    return folder
+
+
+# ---- the model card -------------------------------------------------------------------------------
+
+
+def card_facts(config: Mapping[str, Any], overrides: Sequence[str], choices: Mapping[str, Any]) -> dict[str, Any]:
+    """What trained the policy and on what, for the model card: from the resolved config, the command line's
+    ``overrides`` and the config groups chosen (Hydra's ``runtime.choices``). Plain values only."""
+    model, source, warm = config["model"], dict(config["data"]["source"]), config["warmstart"]
+    target = source.pop("_target_", "?")
+    if model.get("path"):
+        base = f"`{model['path']}`"
+    else:
+        tiny = model.get("tiny") or {}
+        shape = ", ".join(f"{k} {v}" for k, v in tiny.items() if k in ("hidden_size", "num_hidden_layers"))
+        base = f"the embedded tiny Qwen2 ({shape}), built from the config with its own byte-level BPE tokenizer"
+    if warm.get("steps", 0) > 0:
+        base += f", warm-started by SFT on the training split (up to {warm['steps']} steps, pi0)"
+    return {
+        "dibs_version": __version__,
+        "algo": choices.get("algo") or config["algo"]["loss"],
+        "loss": config["algo"]["loss"],
+        "allocation": choices.get("allocation", "?"),
+        "n_per_prompt": config["allocation"].get("n_per_prompt"),
+        "experiment": choices.get("experiment"),
+        "iterations": config["iterations"],
+        "prompts_per_iteration": config["prompts_per_iteration"],
+        "seed": config["seed"],
+        "overrides": [o for o in overrides if o != "ckpt_path=last"],  # how it resumed, not what trained it
+        "data": f"data={choices.get('data', '?')}: `{target}` ("
+        + ", ".join(f"{k}={v}" for k, v in source.items() if v is not None)
+        + ")",
+        "base_model": base,
+        "reward": choices.get("reward"),
+        "template_name": choices.get("template"),
+        "template": dict(config["template"]),
+        "eval_benchmarks": list(config["eval"]["benchmarks"]),
+    }
+
+
+def _scores_table(rows: Sequence[tuple[str, EvalResult]]) -> list[str]:
+    k = rows[0][1].samples
+    pass_keys = sorted(
+        {key for _, e in rows for s in e.scores.values() for key in s if key.startswith("pass@") and "/" not in key},
+        key=lambda key: int(key.split("@")[1]),
+    )
+    heads = [f"avg@{k}", *pass_keys, f"maj@{k}"]
+    lines = ["| benchmark | policy | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]
+    for label, result in rows:
+        for name, scores in result.scores.items():
+            cells = [f"{100 * scores[h]:.1f}" if h in scores else "-" for h in heads]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+        for name, value in result.averages.items():
+            lines.append(f"| {name} | {label} | {100 * value:.1f} |" + " |" * (len(heads) - 1))
+    return lines
+
+
+def model_card(
+    facts: Mapping[str, Any],
+    *,
+    iteration: int,
+    global_step: int,
+    evals: Sequence[EvalResult],
+    sampling: SamplingParams,
+) -> str:
+    """The export's README.md: metadata (YAML) and what trained it, on what, its held-out scores at this iteration
+    against pi0's, the prompt it expects and how to load it."""
+    metadata = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["dibs", "reasoning", str(facts.get("algo")), str(facts.get("allocation"))],
+    )
+    template = facts.get("template") or {}
+    system, suffix, prefix = (template.get(k) or "" for k in ("system_prompt", "user_suffix", "response_prefix"))
+    mine = next((e for e in reversed(evals) if e.iteration == iteration), None)
+    pi0 = next((e for e in evals if e.iteration == 0), None)
+    overrides = shlex.join(facts.get("overrides", []))  # quoted for a shell: eval.pass_k=[1,2] is a glob there
+    lines = [
+        "---",
+        metadata.to_yaml(),
+        "---",
+        "",
+        f"# dibs policy after iteration {iteration} of {facts.get('iterations')}",
+        "",
+        f"Trained with dibs {facts.get('dibs_version')}: algorithm "
+        f"`{facts.get('algo')}` (loss `{facts.get('loss')}`), sampling strategy `{facts.get('allocation')}`"
+        + (f" ({facts['n_per_prompt']} samples per prompt)" if facts.get("n_per_prompt") else "")
+        + f", {iteration} EM iteration(s) of {facts.get('prompts_per_iteration')} prompts and {global_step} "
+        f"optimiser updates so far, seed {facts.get('seed')}"
+        + (f", preset `experiment={facts['experiment']}`" if facts.get("experiment") else "")
+        + ".",
+        "",
+        "## Training",
+        "",
+        f"- **Data**: {facts.get('data')}",
+        f"- **Base model**: {facts.get('base_model')}",
+        f"- **Run**: `{' '.join(['dibs-train', overrides]).strip()}`",
+        "",
+        "## Held-out evaluation",
+        "",
+    ]
+    if mine is None:
+        lines.append(
+            f"Iteration {iteration} was not evaluated (`eval.every`); the run's evaluations are in its TensorBoard "
+            f"logs and `hf/{MANIFEST}`."
+        )
+    else:
+        k = mine.samples
+        lines += [
+            f"{k} samples per problem; Average@{k} is the mean accuracy of the samples, pass@j the share of problems "
+            f"solved by one of j, maj@{k} the majority vote's accuracy (in %). `{VAL_ACC}` = "
+            f"{100 * mine.accuracy:.1f}" + (f" (pi0: {100 * pi0.accuracy:.1f})" if pi0 else "") + ".",
+            "",
+            *_scores_table([(f"iteration {iteration}", mine), *([("pi0", pi0)] if pi0 else [])]),
+        ]
+    user = f"problem + {suffix!r}" if suffix else "problem"
+    prompt_code = [
+        "messages = []" if not system else f"messages = [{{'role': 'system', 'content': {system!r}}}]",
+        f"messages.append({{'role': 'user', 'content': {user}}})",
+        "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)"
+        + (f" + {prefix!r}" if prefix else ""),
+    ]
+    lines += [
+        "",
+        "## Prompt",
+        "",
+        f"Template `{facts.get('template_name') or '?'}`, rendered by the tokenizer's chat template: "
+        + "; ".join(
+            [
+                f"system prompt {system!r}" if system else "no system prompt",
+                f"after the problem {suffix!r}" if suffix else "the problem alone as the user turn",
+                f"the answer opened with {prefix!r}" if prefix else "nothing opens the answer",
+            ]
+        )
+        + f". The reward (`reward={facts.get('reward') or '?'}`) scores the final answer the response states.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'folder = "."  # this folder',
+        "tokenizer = AutoTokenizer.from_pretrained(folder)",
+        "model = AutoModelForCausalLM.from_pretrained(folder)",
+        'problem = "..."',
+        *prompt_code,
+        "inputs = tokenizer(prompt, return_tensors='pt', add_special_tokens=False)",
+        "output = model.generate(**inputs)  # samples as the run did: generation_config.json",
+        "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        f"`generation_config.json` holds the run's sampling: temperature {sampling.temperature}, top-p "
+        f"{sampling.top_p}, top-k {sampling.top_k or 'off'}, up to {sampling.max_new_tokens} new tokens. "
+        "With the run's overrides, the standalone evaluation repeats this iteration's evaluation exactly "
+        f"(`{EXPORT_META}` holds its iteration and seed):",
+        "",
+        "```bash",
+        f"python -m dibs.evaluate evaluate.checkpoint=path/to/{folder_name(iteration)} {overrides}".strip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
