@@ -4,9 +4,10 @@
 
 with ``total`` = 0 meaning no decay. Used by the SFT warm start and by the EM M-step.
 
-Not transformers' schedules: ``get_cosine_schedule_with_warmup`` and its min-lr variants start the warm-up at 0
-(``s / warmup``: a first update with lr 0) and run the cosine over the steps after the warm-up, where this one
-multiplies the warm-up by a cosine over all steps; ``get_constant_schedule_with_warmup`` lags one step behind.
+Not transformers' schedules: ``get_cosine_schedule_with_warmup`` and ``get_cosine_with_min_lr_schedule_with_warmup``
+start the warm-up at 0 (``s / warmup``: a first update with lr 0), and all its cosine schedules run the cosine over
+the steps after the warm-up, where this one multiplies the warm-up by a cosine over all steps;
+``get_constant_schedule_with_warmup`` lags one step behind.
 Every cached π0 and every reported run was trained with this one; the two differ by up to 0.035 · lr over the
 warm start's 800 steps and 0.15 · lr over a 96-update M-step (warm-up 16, floor 0.1).
 """
