@@ -1,7 +1,9 @@
 """Hydra glue shared by train.py and the tests.
 
-- ``dibs.root``: the checkout. ``conf/config.yaml`` adds ``<root>/experiments`` to Hydra's search path, so the
-  grids in ``experiments/grid/`` are selectable as ``+grid=<name>`` from any working directory.
+- ``dibs.root``: the checkout (the search path of older runs' saved Hydra configs names it; the grids now ship as
+  ``pkg://dibs.experiments``).
+- ``dibs.help``: the text of ``--help`` (``conf/hydra/help/dibs.yaml``), written by ``dibs.help`` from the configs'
+  comments.
 - ``dibs.product``: the product of its arguments (FSDP2's data-parallel size, ``num_nodes`` x ``devices``).
 - ``dibs.run_name``: the folder name of a run, from Hydra's ``override_dirname`` (``algo=raft,seed=0``; the
   keys in ``NOT_IN_RUN_NAMES`` are left out by ``hydra.job.config.override_dirname.exclude_keys``), so single
@@ -44,10 +46,23 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("dibs.run_name", run_name)
     if not OmegaConf.has_resolver("dibs.product"):  # FSDP2's data-parallel size: num_nodes x devices
         OmegaConf.register_new_resolver("dibs.product", lambda *factors: math.prod(int(f) for f in factors))
+    if not OmegaConf.has_resolver("dibs.help"):  # --help, from the configs' comments (conf/hydra/help/dibs.yaml)
+        OmegaConf.register_new_resolver("dibs.help", _help)
+
+
+def _help(app: str, *, _root_: Any) -> str:
+    from dibs.help import hydra_help  # rich and ruamel.yaml: only when help is asked for
+
+    return hydra_help(app, _root_=_root_)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A config's nested mappings → dotted keys (``algo.lr``); lists and empty mappings are leaf values."""
+    """A config's nested mappings → dotted keys (``algo.lr``); lists and empty mappings are leaf values.
+
+    The one flattening of the kit: the hyper-parameters train.py gives its loggers, the settings a resumed run
+    must share with its folder's run, and the settings a grid report compares. No library does this: pandas'
+    ``json_normalize`` builds a DataFrame and drops empty mappings, Lightning's ``_flatten_dict`` is private,
+    splits lists of mappings and joins with ``/``."""
     if isinstance(tree, dict) and tree:
         flat: dict[str, Any] = {}
         for key, value in tree.items():
