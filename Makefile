@@ -7,6 +7,7 @@ GRID ?= raft_vs_raftpp
 SWEEP ?= multirun/$(GRID)/$(shell date +%Y-%m-%d_%H-%M-%S)
 SWEEP := $(SWEEP)
 REPORT ?= $(SWEEP)/report
+REPORT_ARGS ?=  # more keys of the report (conf/report.yaml): `python -m dibs.report --help`
 
 .PHONY: setup train test lint grid report lock
 setup:
@@ -26,11 +27,11 @@ lint: setup
 
 grid: setup  ## a grid end to end: `make grid GRID=raft_vs_raftpp [ARGS="seed=0,1"]`, then its report
 	$(PY) train.py -m +grid=$(GRID) hydra.sweep.dir=$(SWEEP) $(ARGS)
-	$(PY) -m dibs.report $(SWEEP) --out $(REPORT)
+	$(PY) -m dibs.report sweep=$(SWEEP) out=$(REPORT) $(REPORT_ARGS)
 
-report: setup  ## the report of a finished grid: `make report SWEEP=multirun/<grid>/<time>`
+report: setup  ## a finished grid's report: `make report SWEEP=multirun/<grid>/<time> [REPORT_ARGS="target=0.15"]`
 	@if [ "$(origin SWEEP)" = "file" ]; then echo "make report: give the grid folder, SWEEP=multirun/<grid>/<time>"; exit 2; fi
-	$(PY) -m dibs.report $(SWEEP) --out $(REPORT)
+	$(PY) -m dibs.report sweep=$(SWEEP) out=$(REPORT) $(REPORT_ARGS)
 
 .PHONY: bundle gpu-check
 bundle:  ## wheels for a GPU machine with no index (docs/gpu.md): `make bundle [PYTHON_VERSION=3.11 PLATFORM=... TAR=1]`

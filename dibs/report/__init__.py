@@ -1,6 +1,6 @@
 """Grid reports: a Hydra multirun folder → a Markdown report, JSON numbers and accuracy-vs-cost plots.
 
-``python -m dibs.report multirun/<grid>/<time>`` (see ``dibs.report.build``).
+``dibs-report sweep=multirun/<grid>/<time>`` or ``python -m dibs.report sweep=...`` (see ``dibs.report.build``).
 """
 
 from __future__ import annotations

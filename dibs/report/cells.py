@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tabulate import tabulate
+
 __all__ = ["UNIT_TITLES", "amount", "cost", "pct", "table"]
 
 UNIT_TITLES = {"samples": "Samples", "tokens": "Tokens", "updates": "Updates", "wall_s": "Wall (s)"}
@@ -30,11 +32,18 @@ def amount(value: float, unit: str) -> str:
 
 
 def table(header: list[str], rows: list[list[str]], align: str = "l") -> list[str]:
-    """A GitHub table; ``align`` gives l/r per column (labels left), the columns past it align right (numbers)."""
+    """A GitHub (pipe) table, by tabulate; ``align`` gives l/r per column (labels left), the columns past it align
+    right (numbers). Cells are text, formatted by the callers: nothing is re-parsed as a number."""
 
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    def escape(cells: list[str]) -> list[str]:
+        return [str(c).replace("|", "\\|") for c in cells]
 
     align = align.ljust(len(header), "r")
-    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
-    return [line(header), rule, *(line(r) for r in rows)]
+    text = tabulate(
+        [escape(r) for r in rows],
+        headers=escape(header),
+        tablefmt="pipe",
+        colalign=["left" if a == "l" else "right" for a in align],
+        disable_numparse=True,
+    )
+    return text.splitlines()

@@ -25,7 +25,6 @@ __all__ = [
     "Grid",
     "ReportError",
     "Run",
-    "flatten",
     "format_value",
     "load_grid",
     "normalise_key",
@@ -239,7 +238,7 @@ def _check_equal_settings(runs: list[Run], axes: list[str]) -> dict[str, list[st
         shown = "\n  ".join(unexplained[:5]) + more
         raise ReportError(
             f"the runs differ in settings that are not declared axes (axes: {', '.join(axes) or 'none'}):\n  {shown}\n"
-            "Either add the key as an axis (--axes, or sweep it in the grid) or report those runs separately."
+            "Either add the key as an axis (axes=[...], or sweep it in the grid) or report those runs separately."
         )
     return by_preset
 
@@ -289,12 +288,12 @@ def load_grid(grid_dir: str | Path, axes: list[str] | None = None) -> Grid:
         )
     detected, declared, launches = _declared_axes(multiruns)
     if axes is not None:
-        axes, source = [normalise_key(a) for a in axes if a.strip()], "--axes"
+        axes, source = [normalise_key(a) for a in axes if a.strip()], "axes="
     elif multiruns:
         axes, source = detected, ", ".join(str(p.relative_to(root)) for p in multiruns)
     else:
         raise ReportError(
-            f"{root}: the axes cannot be determined: no {MULTIRUN_FILE} below it; pass them with --axes k1,k2"
+            f"{root}: the axes cannot be determined: no {MULTIRUN_FILE} below it; give them with axes=[k1,k2]"
         )
 
     runs = []

@@ -155,13 +155,13 @@ def compute(
     """Every number of the report, as a JSON-ready mapping (report.json is this)."""
     if target is not None and not 0 < target <= 1:
         hint = " (a percentage? give e.g. 0.2 for 20%)" if target > 1 else ""
-        raise ReportError(f"--target is an accuracy in (0, 1]; got {target}{hint}")
+        raise ReportError(f"target is an accuracy in (0, 1]; got {target}{hint}")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:
-        raise ReportError(f"--fractions must be in (0, 1]; got {list(fractions)}")
+        raise ReportError(f"fractions must be in (0, 1]; got {list(fractions)}")
     grid_cfg = grid.runs[0].config.get("grid") if isinstance(grid.runs[0].config.get("grid"), dict) else {}
     baseline_spec, baseline_source = (
-        (baseline, "--baseline")
+        (baseline, "baseline=")
         if baseline is not None
         else (grid_cfg["baseline"], "`grid.baseline`")
         if grid_cfg.get("baseline")

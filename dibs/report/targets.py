@@ -41,7 +41,7 @@ def resolve_target(
     grid: Grid, finals: dict[str, dict[str, Any]], target: float | None, baselines: dict[str, str | None] | None = None
 ) -> Target:
     if target is not None:
-        return Target(float(target), "given with --target")
+        return Target(float(target), "given with target=")
     grid_cfg = grid.runs[0].config.get("grid")
     if isinstance(grid_cfg, dict) and grid_cfg.get("target") is not None:
         rule = grid_cfg["target"]
@@ -65,7 +65,7 @@ def resolve_target(
     best = float(np.max(worst.curve.acc))
     rule = (
         f"the highest accuracy every run reaches: the best evaluation of {worst.name}, {100 * best:.1f}%; chosen "
-        "from the results, after the fact: set `grid.target` or pass --target to fix it in advance"
+        "from the results, after the fact: set `grid.target` or give target= to fix it in advance"
     )
     return Target(best, rule)
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from dibs.report import ReportError, build_report, main
+from dibs.report import ReportError, build_report
+from dibs.report.build import report_from_config
 from dibs.report.grid import load_grid
 from dibs.report.metrics import acc_at_fraction, compute, estep_numbers, first_reaching, mean_over_run
 
@@ -59,6 +63,17 @@ grid:
     algo: raft,raftpp
     seed: 0,1
 """
+
+
+def markdown(report: Path) -> str:
+    """report.md with each table row's cells stripped of the padding that aligns the columns (``| a | 1 |``), so the
+    assertions name the cells, not the column widths."""
+    lines = []
+    for line in report.read_text().splitlines():
+        if line.startswith("|"):
+            line = "| " + " | ".join(cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]) + " |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def write_multirun(folder: Path, task: list[str], params: str = "${grid.axes}") -> None:
@@ -153,7 +168,7 @@ def test_happy_path(tmp_path):
     grid = make_grid(tmp_path / "grid")
     report = build_report(grid)
     assert report == grid / "report" / "report.md"
-    text = report.read_text()
+    text = markdown(report)
     for section in (
         "## Final metrics",
         "## Accuracy at fractions of the budget",
@@ -247,17 +262,17 @@ def test_defaults_target_baseline_budget_out_dir(tmp_path):
 def test_some_seeds_miss_the_target(tmp_path):
     grid = make_grid(tmp_path / "grid")
     # target 0.40: raft s0 tops at 0.30 (never), s1 reaches 0.40 at 190 samples → 1/2; raftpp both at 50 → 2/2.
-    text = build_report(grid, target=0.4).read_text()
+    text = markdown(build_report(grid, target=0.4))
     assert "| algo=raft | 1/2 | 190 | 1,900 | 12 | 19.0 |" in text
     assert "| algo=raftpp | n/a | n/a | n/a | n/a | baseline 1/2 seeds reached |" in text
-    text = build_report(grid, target=0.4, baseline="algo=raftpp").read_text()
+    text = markdown(build_report(grid, target=0.4, baseline="algo=raftpp"))
     assert "| algo=raft | n/a | n/a | n/a | n/a | 1/2 seeds reached |" in text
     assert "| algo=raftpp | 1.00× | 1.00× | 1.00× | 1.00× |  |" in text
 
 
 def test_runs_ending_above_the_budget(tmp_path):
     grid = make_grid(tmp_path / "grid", **{"budget.samples": 190})
-    text = build_report(grid).read_text()
+    text = markdown(build_report(grid))
     # 100% = 190 samples: raft s0 reads 0.25 (at 130; 200 > 190), s1 0.40 (at 190) → 32.5 ± 10.6
     assert "| algo=raft | 20.0 ± 14.1 |" in text and "| 32.5 ± 10.6 |" in text
     assert "3 run(s) end above the budget" in text
@@ -297,7 +312,7 @@ def make_level_grid(root: Path, levels: dict = LEVEL_CURVES, **changes) -> Path:
 
 def test_per_level_accuracy_at_fractions_and_mean_over_run(tmp_path):
     grid = make_level_grid(tmp_path / "grid")
-    text = build_report(grid).read_text()
+    text = markdown(build_report(grid))
     section = text.split("## Accuracy per difficulty level vs samples\n")[1].split("\n## ")[0]
     level_1, level_2 = section.split("### Level 1")[1].split("### Level 2")
 
@@ -355,7 +370,7 @@ def test_per_level_rules_on_a_curve(tmp_path):
 def test_per_level_section_on_the_budget_axis_and_without_levels(tmp_path):
     # a budget in tokens (10 × samples): the same evaluations at 500/1,000/1,500/2,000 tokens, the same numbers
     tokens = {"samples": None, "tokens": 2000, "updates": None}
-    text = build_report(make_level_grid(tmp_path / "tokens", budget=tokens)).read_text()
+    text = markdown(build_report(make_level_grid(tmp_path / "tokens", budget=tokens)))
     section = text.split("## Accuracy per difficulty level vs tokens (the budget's unit)\n")[1].split("\n## ")[0]
     assert "| Configuration | 25% (≤ 500 tokens) |" in section
     assert "| algo=raftpp | 25.0 ± 7.1 | 30.0 ± 0.0 | 30.0 ± 0.0 | 45.0 ± 7.1 | 22.5 ± 3.5 |" in section
@@ -363,7 +378,7 @@ def test_per_level_section_on_the_budget_axis_and_without_levels(tmp_path):
     assert (tmp_path / "tokens" / "report" / "accuracy_vs_samples_by_level.png").is_file()  # against samples still
 
     no_levels = {key: {} for key in LEVEL_CURVES}
-    text = build_report(make_level_grid(tmp_path / "plain", levels=no_levels)).read_text()
+    text = markdown(build_report(make_level_grid(tmp_path / "plain", levels=no_levels)))
     assert "per difficulty level" not in text and "### Level" not in text
     assert not (tmp_path / "plain" / "report" / "accuracy_vs_samples_by_level.png").exists()
 
@@ -445,7 +460,7 @@ def make_estep_grid(root: Path) -> Path:
 
 def test_estep_diagnostics(tmp_path):
     root = make_estep_grid(tmp_path / "grid")
-    text = build_report(root).read_text()
+    text = markdown(build_report(root))
     section = text.split("## E-step diagnostics\n")[1].split("\n## ")[0]
     assert (
         "| Configuration | Generated samples | Pilot share (%) | Accepted / iteration | Zero-sample prompts (%) | Gini "
@@ -492,7 +507,7 @@ def test_estep_diagnostics(tmp_path):
 def test_estep_section_without_alloc_scalars(tmp_path):
     # the toy grid logs no E-step scalar: generated samples from cost/samples (raft 200, 190 → 195 ± 7; raftpp 200,
     # 200 → 200 ± 0), pilot share 0, accepted "–"; no run logs alloc/*, so those columns are left out
-    text = build_report(make_grid(tmp_path / "grid")).read_text()
+    text = markdown(build_report(make_grid(tmp_path / "grid")))
     section = text.split("## E-step diagnostics\n")[1].split("\n## ")[0]
     assert "| Configuration | Generated samples | Pilot share (%) | Accepted / iteration |\n" in section
     assert "| algo=raft | 195 ± 7 | 0.0 ± 0.0 | – |" in section
@@ -623,7 +638,7 @@ def test_a_preset_axis_explains_what_its_presets_set(tmp_path):
     grid = load_grid(preset_grid(tmp_path / "grid"))
     assert grid.configurations == ["experiment=p_raft", "experiment=p_raftpp"]
     assert grid.preset_keys == {"experiment": ["algo.loss", "algo.lr"]}
-    text = build_report(tmp_path / "grid", baseline="experiment=p_raft").read_text()
+    text = markdown(build_report(tmp_path / "grid", baseline="experiment=p_raft"))
     preset_line = (
         "- Set by the `experiment` axis (a preset), constant within each configuration: `algo.loss`, `algo.lr`"
     )
@@ -640,7 +655,7 @@ def test_axes_flag_without_multirun(tmp_path):
     root = tmp_path / "runs"
     for algo, seed in CURVES:
         write_run(root, algo, seed)
-    with pytest.raises(ReportError, match="axes cannot be determined.*--axes"):
+    with pytest.raises(ReportError, match=r"axes cannot be determined.*axes=\[k1,k2\]"):
         load_grid(root)
     grid = load_grid(root, axes=["algo", "seed"])
     assert grid.configurations == ["algo=raft", "algo=raftpp"]  # sorted
@@ -656,7 +671,7 @@ def test_parent_of_two_sweeps(tmp_path):
     CURVES[("raft", 2)] = CURVES[("raft", 0)]
     try:
         write_run(second, "raft", 2, **{"grid.axes": {"algo": "raft", "seed": "2"}})
-        text = build_report(parent).read_text()
+        text = markdown(build_report(parent))
     finally:
         del CURVES[("raft", 2)]
     assert "5 runs, 2 configurations, 3 seeds (0, 1, 2)" in text
@@ -717,28 +732,76 @@ def test_refuses_unknown_baseline(tmp_path):
         build_report(root, baseline="raft")
 
 
-def test_cli_refusal_exits_2(tmp_path, capsys):
+def report_command(cwd: Path, *overrides: str, script: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m dibs.report`` (or the console script) as a user runs it, from ``cwd``."""
+    command = [script] if script else [sys.executable, "-m", "dibs.report"]
+    return subprocess.run([*command, *overrides], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_reports_a_grid_and_leaves_nothing_else(tmp_path):
     root = make_grid(tmp_path / "grid")
-    assert main([str(root), "--baseline", "nope"]) == 2
-    captured = capsys.readouterr()
-    assert "baseline 'nope'" in captured.err and "Traceback" not in captured.err
-    assert main([str(root), "--target", "0.4", "--fractions", "0.5,1"]) == 0
-    assert f"report written to {root / 'report' / 'report.md'}" in capsys.readouterr().out
-    assert (
-        "| Configuration | 50% (≤ 100 samples) | 100% (≤ 200 samples) |" in (root / "report" / "report.md").read_text()
-    )
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = report_command(cwd, f"sweep={root}", "target=0.4", "fractions=[0.5,1]")
+    assert proc.returncode == 0, proc.stderr
+    assert f"report written to {root / 'report' / 'report.md'}" in proc.stdout
+    text = markdown(root / "report" / "report.md")
+    assert "| Configuration | 50% (≤ 100 samples) | 100% (≤ 200 samples) |" in text
+    assert "Target: 40.0% held-out accuracy (given with target=)" in text
+    assert list(cwd.iterdir()) == []  # no outputs/, .hydra/ or report.log of Hydra's own
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith("algo=")) == ["multirun.yaml", "report"]
 
 
-def test_module_entry_point(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "dibs.report", str(tmp_path / "nothing-here")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def test_the_command_takes_the_keys_of_conf_report_yaml(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    proc = report_command(
+        tmp_path, f"sweep={root}", f"out={tmp_path / 'elsewhere'}", "baseline='algo=raftpp'", "axes=[algo,seed]"
     )
-    assert proc.returncode == 2
-    assert "nothing-here: not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    numbers = json.loads((tmp_path / "elsewhere" / "report.json").read_text())
+    assert numbers["baseline"]["configuration"] == "algo=raftpp" and numbers["baseline"]["source"] == "baseline="
+    assert not (root / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "sweep=<the grid's folder> is required, e.g. `dibs-report sweep=multirun/"),
+        (["sweep=nothing-here"], "sweep=nothing-here: no such folder"),
+        (["sweep=GRID", "baseline=nope"], "baseline 'nope' (from baseline=) is neither a configuration of the grid"),
+        (["sweep=GRID", "target=abc"], "target='abc': an accuracy in (0, 1]"),
+        (["sweep=GRID", "target=1.5"], "target is an accuracy in (0, 1]; got 1.5"),
+        (["sweep=GRID", "fractions=[0.5,x]"], "fractions=[0.5, 'x']: a list of budget fractions"),
+    ],
+)
+def test_the_command_refuses_with_the_key_at_fault_and_exits_2(tmp_path, overrides, message):
+    root = make_grid(tmp_path / "grid")
+    proc = report_command(tmp_path, *(o.replace("GRID", str(root)) for o in overrides))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_console_script_is_the_same_command(tmp_path):
+    script = Path(sys.executable).with_name("dibs-report")
+    if not script.exists():
+        pytest.skip("dibs is not installed in this environment (no dibs-report script)")
+    root = make_grid(tmp_path / "grid")
+    proc = report_command(tmp_path, f"sweep={root}", script=str(script))
+    assert proc.returncode == 0, proc.stderr
+    assert (root / "report" / "report.md").is_file()
+    assert "dibs-report sweep=" in report_command(tmp_path, "--help", script=str(script)).stdout
+
+
+def test_report_from_config_reads_the_composed_config(tmp_path):
+    root = make_grid(tmp_path / "grid")
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="dibs.configs", version_base="1.3"):
+        cfg = compose(config_name="report", overrides=[f"sweep={root}", "fractions=[1]"])
+    GlobalHydra.instance().clear()
+    assert cfg.out == f"{root}/report"  # the default follows the sweep
+    report = report_from_config(cfg)
+    assert report == root / "report" / "report.md"
+    assert "| Configuration | 100% (≤ 200 samples) |" in markdown(report)
 
 
 def test_a_partial_baseline_is_matched_within_each_value_of_the_other_axes(tmp_path):
@@ -756,7 +819,7 @@ def test_a_partial_baseline_is_matched_within_each_value_of_the_other_axes(tmp_p
                 **{"allocation.n_per_prompt": n},
             )
             write_events(run / "tb", [x * n // 4 for x in samples], acc)  # n = 8 spends twice the samples
-    text = build_report(root).read_text()  # grid.baseline is algo=raft, grid.target 0.3
+    text = markdown(build_report(root))  # grid.baseline is algo=raft, grid.target 0.3
     numbers = json.loads((root / "report" / "report.json").read_text())
     per = numbers["baseline"]["per_configuration"]
     assert per["algo=raftpp, allocation.n_per_prompt=8"] == "algo=raft, allocation.n_per_prompt=8"
@@ -793,7 +856,7 @@ def test_a_run_that_stopped_short_of_the_budget_is_flagged(tmp_path):
     for f in (run / "tb").iterdir():
         f.unlink()
     write_events(run / "tb", [0, 50], [0.20, 0.40])  # crashed after its first iteration
-    text = build_report(root).read_text()
+    text = markdown(build_report(root))
     # raft seed 1 ends at 190 samples too (its curve), so two runs are flagged
     assert "**Warning:** 2 run(s) ended before spending the budget of 200 samples" in text
     assert "algo=raft,seed=1 (190)" in text
@@ -803,7 +866,7 @@ def test_a_run_that_stopped_short_of_the_budget_is_flagged(tmp_path):
 # ---- the arena's pre-registered target and its diagnostics ------------------------------------------------
 def test_baseline_final_target_and_the_mean_curve(tmp_path):
     grid = make_grid(tmp_path / "grid", **{"grid.target": "baseline_final"})
-    text = build_report(grid).read_text()
+    text = markdown(build_report(grid))
     numbers = json.loads((grid / "report" / "report.json").read_text())
     # the baseline raft's finals 0.30 and 0.40 → target 0.35, a rule written in the grid before the runs
     assert numbers["target"]["value"] == pytest.approx(0.35)
@@ -839,7 +902,7 @@ def test_a_baseline_final_target_per_regime_when_a_grid_holds_several(tmp_path):
             )
             samples, acc = CURVES[(algo, seed)]
             write_events(run / "tb", samples, [a + 0.1 * (lr - 1) for a in acc])
-    text = build_report(grid, axes=["algo", "lr", "seed"]).read_text()
+    text = markdown(build_report(grid, axes=["algo", "lr", "seed"]))
     numbers = json.loads((grid / "report" / "report.json").read_text())
     per = numbers["target"]["per_configuration"]
     assert numbers["target"]["value"] is None and "Target: per configuration" in text
@@ -877,7 +940,7 @@ def test_sampling_diagnostics_of_every_strategy(tmp_path):
             "rollout/equal_reward_frac": equal,
         }
         write_iterations(run / "tb", scalars, numbers=[0, 1, 2])
-    section = build_report(root).read_text().split("## E-step diagnostics\n")[1].split("\n## ")[0]
+    section = markdown(build_report(root)).split("## E-step diagnostics\n")[1].split("\n## ")[0]
     assert "| Samples / prompt | Max / prompt | Prompts without a sample (%) | Equal-reward samples (%) |" in section
     # skip: samples/prompt 3, 3 → 3.00 ± 0.00; max 4, 3 → 3.5 ± 0.7; zero .25, .25 → 25.0 ± 0.0; equal .2, .2
     assert (
