@@ -94,14 +94,20 @@ def main() -> None:
             seconds = time.perf_counter() - started
             rates[name].append(n_tokens / seconds)
             tokens[name].append(n_tokens)
-    print(f"{'method':<16} {'tokens (median)':>16} {'tokens/s (median)':>18} {'min':>8} {'max':>8} {'x floor':>8}")
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("method")
+    for column in ("tokens (median)", "tokens/s (median)", "min", "max", "x floor"):
+        table.add_column(column, justify="right")
     floor = statistics.median(rates["floor"]) if "floor" in rates else float("nan")
     for name in methods:
         med = statistics.median(rates[name])
-        print(
-            f"{name:<16} {statistics.median(tokens[name]):>16.0f} {med:>18.0f} {min(rates[name]):>8.0f} "
-            f"{max(rates[name]):>8.0f} {med / floor:>8.2f}"
-        )
+        cells = (statistics.median(tokens[name]), med, min(rates[name]), max(rates[name]))
+        table.add_row(name, *(f"{x:.0f}" for x in cells), f"{med / floor:.2f}")
+    Console(width=120).print(table)
     print(f"dibs loop / floor: {statistics.median(rates['dibs loop']) / floor:.2f}")
 
 

@@ -28,6 +28,9 @@ import tempfile
 import time
 
 import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from dibs.core.batching import pad_right
 from dibs.core.grad_norms import grad_norms, head_grad_norms, reference_grad_norms
@@ -63,7 +66,9 @@ def main() -> None:
     print(
         f"{args.samples} samples, {'untied' if args.untied else 'tied'} embeddings, {torch.get_num_threads()} threads"
     )
-    print(f"{'model':>24} {'param':>13} {'path':>22} {'reference ms/sample':>20} {'kit ms/sample':>14} {'speed-up':>9}")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in ("model", "param", "path", "reference ms/sample", "kit ms/sample", "speed-up"):
+        table.add_column(column, justify="right")
     for hidden, layers, inter in ((64, 2, 256), (256, 4, 1024)):
         model = build_tiny_qwen2(
             tokenizer,
@@ -82,10 +87,9 @@ def main() -> None:
                 if path in times:
                     mark = " (default)" if param == "lm_head" and path != "batched" else ""
                     speed = times["reference"] / times[path]
-                    print(
-                        f"{label:>24} {param:>13} {path + mark:>22} {times['reference']:>20.2f} "
-                        f"{times[path]:>14.3f} {speed:>8.1f}x"
-                    )
+                    ms = f"{times['reference']:.2f}", f"{times[path]:.3f}"
+                    table.add_row(label, param, path + mark, *ms, f"{speed:.1f}x")
+    Console(width=140).print(table)
 
 
 def best_of(fn, repeats: int) -> float:

@@ -234,13 +234,12 @@ def print_loop(kit: list[dict], trl: list[dict]) -> None:
         ("optimiser updates", "updates", ",.0f"),
         ("response tokens (EOS incl.)", "tokens", ",.0f"),
     ]
-    print(f"{'':<30} {'kit':>10} {'TRL':>10}")
-    for label, key, fmt in table:
-        print(f"{label:<30} {_median(kit, key):>10{fmt}} {_median(trl, key):>10{fmt}}")
+    rows = [(label, format(_median(kit, key), fmt), format(_median(trl, key), fmt)) for label, key, fmt in table]
     k_tok, t_tok = _median(kit, "tokens") / _median(kit, "samples"), _median(trl, "tokens") / _median(trl, "samples")
-    print(f"{'tokens per sample':<30} {k_tok:>10.1f} {t_tok:>10.1f}")
+    rows.append(("tokens per sample", f"{k_tok:.1f}", f"{t_tok:.1f}"))
     k, t = statistics.median(map(per_thousand, kit)), statistics.median(map(per_thousand, trl))
-    print(f"{'seconds per 1,000 samples':<30} {k:>10.2f} {t:>10.2f}")
+    rows.append(("seconds per 1,000 samples", f"{k:.2f}", f"{t:.2f}"))
+    _print_table(rows)
     print(f"TRL / kit: {t / k:.2f}x the kit's seconds per 1,000 samples")
 
 
@@ -248,14 +247,29 @@ def print_process(kit: list[dict], trl: list[dict]) -> None:
     print(f"\n(b) one iteration, whole process from start to exit (median of {len(kit)})")
     _check_same_work(kit, trl)
     k_wall, t_wall = _median(kit, "wall_s"), _median(trl, "wall_s")
-    print(f"{'':<44} {'kit':>8} {'TRL':>8}")
-    print(f"{'process seconds':<44} {k_wall:>8.1f} {t_wall:>8.1f}")
-    print(
-        f"{'  of which the loop (clocks as in (a))':<44} {_median(kit, 'loop_s'):>8.1f} {_median(trl, 'loop_s'):>8.1f}"
-    )
-    print(f"{'  of which evaluation (kit default; TRL none)':<44} {_median(kit, 'eval_s'):>8.1f} {0.0:>8.1f}")
-    print(f"{'samples / updates':<44} {_work(kit):>8} {_work(trl):>8}")
+    rows = [
+        ("process seconds", f"{k_wall:.1f}", f"{t_wall:.1f}"),
+        ("  of which the loop (clocks as in (a))", f"{_median(kit, 'loop_s'):.1f}", f"{_median(trl, 'loop_s'):.1f}"),
+        ("  of which evaluation (kit default; TRL none)", f"{_median(kit, 'eval_s'):.1f}", f"{0.0:.1f}"),
+        ("samples / updates", _work(kit), _work(trl)),
+    ]
+    _print_table(rows)
     print(f"TRL / kit: {t_wall / k_wall:.2f}x the kit's process seconds")
+
+
+def _print_table(rows: list[tuple[str, str, str]]) -> None:
+    """The kit's and TRL's numbers side by side (rich, plain text off a terminal)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("")
+    table.add_column("kit", justify="right")
+    table.add_column("TRL", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=120).print(table)
 
 
 def _median(runs: list[dict], key: str) -> float:

@@ -123,6 +123,8 @@ def build_report(result, plan, *, checkpoint: str, seed: int, template: dict[str
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: one row per benchmark, then per-level rows where a benchmark has levels."""
+    from dibs.report.cells import table  # GitHub tables, as the grid reports write them
+
     k, ks = report["samples"], report["pass_k"]
     heads = [f"avg@{k}", *(f"pass@{j}" for j in ks), f"maj@{k}"]
     lines = [
@@ -132,28 +134,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['sampling']['top_p']}, {report['sampling']['max_new_tokens']} new tokens; seed {report['seed']}, "
         f"iteration {report['iteration']}. Scores in %. Verifier columns count samples that got no verdict.",
         "",
-        "| benchmark | problems | " + " | ".join(heads) + " | " + " | ".join(FAILURES) + " |",
-        "|---" * (2 + len(heads) + len(FAILURES)) + "|",
     ]
+    rows = []
     for name, bench in report["benchmarks"].items():
         scores = bench["scores"]
         cells = [f"{100 * scores[h]:.1f}" for h in heads] + [str(int(scores[f"verifier/{s}"])) for s in FAILURES]
-        lines.append(f"| {name} | {bench['problems']} | " + " | ".join(cells) + " |")
-    for name, value in report["averages"].items():
-        lines.append(f"| {name} | | {100 * value:.1f} |" + " |" * (len(heads) + len(FAILURES) - 1))
+        rows.append([name, str(bench["problems"]), *cells])
+    for name, value in report["averages"].items():  # a suite average: its Average@k alone
+        rows.append([name, "", f"{100 * value:.1f}", *[""] * (len(heads) + len(FAILURES) - 1)])
+    lines += table(["benchmark", "problems", *heads, *FAILURES], rows)
     for name, bench in report["benchmarks"].items():
         levels = sorted({key.split("/level_")[1] for key in bench["scores"] if "/level_" in key})
         if levels:
-            lines += [
-                "",
-                f"## {name} by level",
-                "",
-                "| level | " + " | ".join(heads) + " |",
-                "|---" * (1 + len(heads)) + "|",
-            ]
-            for level in levels:
-                row = [f"{100 * bench['scores'][f'{h}/level_{level}']:.1f}" for h in heads]
-                lines.append(f"| {level} | " + " | ".join(row) + " |")
+            rows = [[level, *(f"{100 * bench['scores'][f'{h}/level_{level}']:.1f}" for h in heads)] for level in levels]
+            lines += ["", f"## {name} by level", "", *table(["level", *heads], rows)]
     dropped = {n: len(b["dropped_prompts"]) for n, b in report["benchmarks"].items() if b["dropped_prompts"]}
     skipped = {n: len(b["skipped_rows"]) for n, b in report["benchmarks"].items() if b["skipped_rows"]}
     if dropped or skipped:

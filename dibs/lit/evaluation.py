@@ -8,10 +8,14 @@ function serves the training loop and ``python -m dibs.evaluate``, which is what
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from dibs.core.metrics import suite_averages
 from dibs.core.tags import VAL_ACC, VAL_LEVEL
@@ -130,35 +134,44 @@ def val_metrics(result: EvalResult) -> dict[str, float]:
 
 
 def format_summary(first: EvalResult, last: EvalResult, *, where: dict[str, str]) -> str:
-    """The end-of-run table: per benchmark and level, the first evaluation (π0) against the last."""
+    """The end-of-run table: per benchmark and level, the first evaluation (π0) against the last, then where the
+    run's files are. Drawn by rich as plain text (no colour), for the console and the log alike."""
     k = last.samples
     start = "pi0" if first.iteration == 0 else f"iter {first.iteration}"
-    lines = [
-        f"Held-out Average@{k} (pass@{k} and maj@{k} of the final policy)",
-        f"{'benchmark':>22} | {start:>7} | {'final':>7} | {'change':>7} | {f'pass@{k}':>7} | {f'maj@{k}':>7}",
-        "-" * 72,
-    ]
-    rows = []
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("benchmark")
+    for column in (start, "final", "change", f"pass@{k}", f"maj@{k}"):
+        table.add_column(column, justify="right")
     for name, scores in last.scores.items():
         before = first.scores.get(name, {})
-        rows.append((name, before.get(f"avg@{k}", float("nan")), scores[f"avg@{k}"], scores))
+        table.add_row(name, *_cells(before.get(f"avg@{k}", float("nan")), scores[f"avg@{k}"], scores, k))
         prefix = f"avg@{k}/level_"
         for key in (key for key in scores if key.startswith(prefix)):
             level = key[len(prefix) :]
-            suffix = f"/level_{level}"
-            rows.append((f"level {level}", before.get(key, float("nan")), scores[key], _suffixed(scores, suffix)))
-    for label, a, b, scores in rows:
-        pass_k, maj_k = scores.get(f"pass@{k}", float("nan")), scores.get(f"maj@{k}", float("nan"))
-        lines.append(
-            f"{label:>22} | {100 * a:6.1f}% | {100 * b:6.1f}% | {100 * (b - a):+6.1f} | "
-            f"{100 * pass_k:6.1f}% | {100 * maj_k:6.1f}%"
-        )
+            level_scores = _suffixed(scores, f"/level_{level}")
+            table.add_row(f"  level {level}", *_cells(before.get(key, float("nan")), scores[key], level_scores, k))
     for name, b in last.averages.items():
-        a = first.averages.get(name, float("nan"))
-        lines.append(f"{name:>22} | {100 * a:6.1f}% | {100 * b:6.1f}% | {100 * (b - a):+6.1f} |")
-    lines.append("")
-    lines += [f"{name:>12}: {path}" for name, path in where.items()]
-    return "\n".join(lines)
+        table.add_row(name, *_cells(first.averages.get(name, float("nan")), b, None, k))
+    files = Table.grid(padding=(0, 1))
+    files.add_column(justify="right", no_wrap=True)
+    files.add_column(no_wrap=True)
+    for name, path in where.items():
+        files.add_row(f"{name}:", str(path))
+    console = Console(file=io.StringIO(), width=1000, color_system=None, highlight=False, emoji=False, markup=False)
+    console.print(f"Held-out Average@{k} (pass@{k} and maj@{k} of the final policy)")
+    console.print(table)
+    console.print()
+    console.print(files)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
+
+
+def _cells(before: float, after: float, scores: Mapping[str, float] | None, k: int) -> list[str]:
+    """The row's numbers in %: before, after, the change in points, and the final pass@k and maj@k (blank for a
+    suite average, which has neither)."""
+    cells = [f"{100 * before:.1f}%", f"{100 * after:.1f}%", f"{100 * (after - before):+.1f}"]
+    if scores is None:
+        return [*cells, "", ""]
+    return [*cells, *(f"{100 * scores.get(f'{m}@{k}', float('nan')):.1f}%" for m in ("pass", "maj"))]
 
 
 def _suffixed(scores: Mapping[str, float], suffix: str) -> dict[str, float]:
