@@ -105,7 +105,19 @@ def sft(
     batches = torch.utils.data.DataLoader(
         examples, batch_sampler=draws, collate_fn=list, generator=torch.Generator().manual_seed(seed)
     )
-    device = next(model.parameters()).device
+    if steps > 0:  # warmstart=none on the embedded model: π0 as built, no Trainer
+        _fit(module, batches, probe, steps=steps, out_dir=out_dir, show_progress=show_progress)
+    report = WarmStartReport(len(probe.curves), time.perf_counter() - started, probe.accuracy, probe.stopped_by)
+    model.eval().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _write_curves(out_dir / CURVES, probe.curves)
+    (out_dir / "warmstart.json").write_text(json.dumps(report.__dict__, indent=2))
+    return report
+
+
+def _fit(module: _SFT, batches, probe: _Probe, *, steps: int, out_dir: Path, show_progress: bool) -> None:
+    """Lightning's fit of ``module`` on the policy's device, one process, nothing written but what ``sft`` saves."""
+    device = next(module.policy.parameters()).device
     callbacks: list[L.Callback] = [probe] + ([_Bar()] if show_progress else [])
     with _quiet_lightning():
         trainer = L.Trainer(
@@ -128,13 +140,7 @@ def sft(
             default_root_dir=out_dir,
         )
         trainer.fit(module, train_dataloaders=batches)
-    model.to(device)  # the Trainer's teardown moves its module to the CPU
-    report = WarmStartReport(trainer.global_step, time.perf_counter() - started, probe.accuracy, probe.stopped_by)
-    model.eval().save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    _write_curves(out_dir / CURVES, probe.curves)
-    (out_dir / "warmstart.json").write_text(json.dumps(report.__dict__, indent=2))
-    return report
+    module.policy.to(device)  # the Trainer's teardown moves its module to the CPU
 
 
 def load_curves(folder: Path) -> list[dict[str, float]] | None:

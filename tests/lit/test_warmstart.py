@@ -125,6 +125,17 @@ def test_unknown_schedule_is_refused(tmp_path, tokenizer, examples):
             target_accuracy=1.0, measure=Probe([]), out_dir=tmp_path, schedule="linear")  # fmt: skip
 
 
+def test_no_steps_saves_pi0_as_built(tmp_path, tokenizer, examples):
+    # warmstart=none on the embedded model: steps 0, batch size 0
+    model = build_tiny(tokenizer)
+    built = {k: v.clone() for k, v in model.state_dict().items()}
+    report = sft(model, tokenizer, examples, steps=0, batch_size=0, lr=0.0, seed=0, eval_every=0,
+                 target_accuracy=1.0, measure=Probe([]), out_dir=tmp_path, schedule="constant")  # fmt: skip
+    assert (report.steps, report.stopped_by, report.accuracy) == (0, "steps", -1.0) and load_curves(tmp_path) == []
+    saved = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(saved[k], built[k]) for k in saved)
+
+
 def _compose(tmp_path: Path):
     GlobalHydra.instance().clear()
     overrides = ["warmstart.steps=10", "warmstart.eval_every=5", "warmstart.eval_problems=4",
