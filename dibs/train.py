@@ -43,6 +43,7 @@ RESUME_MAY_CHANGE = (
     "cache_dir",
     "evaluate.",
     "export.",
+    "logger.",  # run folders of older versions (one logger, logger._target_); a logger added on resume starts there
     "trainer.enable_progress_bar",
     "rollout.generator.show_progress",
 )
@@ -93,6 +94,7 @@ def main(cfg: DictConfig) -> float:
     from dibs.lit.console import setup_console
     from dibs.lit.datamodule import EMDataModule
     from dibs.lit.export import ExportOptions, card_facts
+    from dibs.lit.loggers import build_loggers, log_hyperparams
     from dibs.lit.module import EMModule
     from dibs.lit.progress import IterationProgressBar
     from dibs.lit.rollout import RolloutCallback
@@ -124,6 +126,11 @@ def main(cfg: DictConfig) -> float:
     check_benchmarks(cfg.eval.benchmarks, benchmarks["sets"], dir=benchmarks["dir"], has_held_out=bool(task.test))
     template = PromptTemplate(**plain(cfg.template))
     sampling = SamplingParams(**plain(cfg.rollout.sampling))
+    try:  # before the warm start, which logs to them: a missing package or a bad key fails first
+        loggers = build_loggers(cfg.get("logger"), run_dir)
+    except ValueError as error:
+        raise SystemExit(f"config error: {error}") from None
+    log_hyperparams(loggers, flatten(plain(cfg)))
     policy, tokenizer = policy_from_config(cfg, task, verifier)
     evaluation = build_eval_plan(
         plain(cfg.eval),
@@ -221,8 +228,6 @@ def main(cfg: DictConfig) -> float:
         rollout=rollout,
     )
     rollout.resumed = checkpoint.resumed = resume is not None
-    logger = instantiate(cfg.logger)
-    logger.log_hyperparams(flatten(plain(cfg)))
     # "iteration k/N", the loss and the E-step's acceptance (dibs.lit.progress), unless the bar is switched off
     bar = [IterationProgressBar(rollout)] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer = L.Trainer(
@@ -232,7 +237,7 @@ def main(cfg: DictConfig) -> float:
         use_distributed_sampler=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=logger,
+        logger=loggers,
         callbacks=[rollout, checkpoint, *bar],
         default_root_dir=run_dir,
     )

@@ -1,6 +1,6 @@
 """The training bar: Lightning's ``RichProgressBar`` counting EM iterations the way every message does.
 
-    iteration 2/12 ━━━━━━━━━━━━━━━━━━━━━━━ 17/32 0:00:04 • 0:00:04 4.01it/s loss: 0.0213 accepted: 412/2048 (20%)
+    iteration 2/12 ━━━━━━━━━━━━━━━━━━━━━━━━ 17/32 0:00:04 • 0:00:04 4.01it/s loss: -1.013 accepted: 266/2048 (13%)
 
 - the description is "iteration k/N" (1-based, as the log lines, exports and checkpoints number iterations), not
   Lightning's 0-based "Epoch k-1/N-1"; ``label`` names another unit, and stands alone where the epochs are
@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+from rich.progress import BarColumn
 
 from dibs.lit.console import live_console
 
@@ -57,6 +58,13 @@ class IterationProgressBar(RichProgressBar):
         super().setup(trainer, pl_module, stage)  # disabled on ranks > 0
         if not live_console():
             self.disable()
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        columns = super().configure_columns(trainer)
+        for column in columns:  # a shorter bar than Lightning's 40 cells: the loss and acceptance fit on the line
+            if isinstance(column, BarColumn):
+                column.bar_width = 24
+        return columns
 
     def _get_train_description(self, current_epoch: int) -> str:
         total = self.trainer.max_epochs
