@@ -3,12 +3,15 @@ distributed checkpoint was written by dibs, rewind the run's event files and cle
 checkpoints. ``train.py`` calls these before any work; ``dibs.lit.checkpoints`` writes what they read.
 
 **Sidecar.** Every checkpoint ``<name>.ckpt`` has a ``<name>.json`` written before ``last.ckpt`` is switched to
-it: iterations done, updates, costs, whether the run stopped there, the size of every logger event file at the
-save, the last accuracy, and (distributed checkpoints) their signature.
+it: iterations done, updates, costs, whether the run stopped there, where every log file of the run folder stood
+at the save (``log_positions``), the last accuracy, and (distributed checkpoints) their signature.
 
-**Logs.** A resumed run cuts every TensorBoard event file back to the size it had at the save and deletes
-event files written after it, so each point is in the logs once, whatever the reader (the effect of
-TensorBoard's ``purge_step``, exact even when two points share a step).
+**Logs.** A resumed run cuts the logs in its folder back to where they stood at the save and deletes log files
+written after it, so each point is in the logs once, whatever the reader (the effect of TensorBoard's
+``purge_step``, exact even when two points share a step): TensorBoard event files and the metric histories of an
+MLflow file store to their size in bytes, a CSV logger's ``metrics.csv`` to its number of rows (Lightning rewrites
+the whole file when a new column appears, so bytes would not do). Logs kept elsewhere (an MLflow server, W&B's
+offline records) are not rewound.
 
 **Trust.** A distributed checkpoint's ``.metadata`` and shards hold Python pickles: loading them runs whatever
 code they name. The sidecar of every distributed checkpoint dibs writes holds an HMAC-SHA256, over the name and
@@ -20,6 +23,7 @@ without a sidecar) is refused unless ``checkpoint.trust=true``. Single-file chec
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 import json
@@ -36,6 +40,7 @@ __all__ = [
     "UntrustedCheckpoint",
     "check_trusted",
     "drop_newer",
+    "log_positions",
     "read_info",
     "remove_unfinished",
     "rewind_event_files",
@@ -45,6 +50,7 @@ __all__ = [
 
 LAST = "last.ckpt"
 EVENT_PREFIX = "events.out.tfevents."
+METRICS_CSV = "metrics.csv"  # a CSV logger's file (Lightning's CSVLogger)
 
 
 class UntrustedCheckpoint(RuntimeError):
@@ -60,7 +66,7 @@ class CheckpointInfo:
     global_step: int  # optimiser updates
     costs: dict[str, float]  # cumulative samples, tokens, updates, wall_s
     stopped: bool  # the run ended at this checkpoint (last iteration or budget)
-    events: dict[str, int]  # event file (relative to the run folder) -> size in bytes at the save
+    events: dict[str, int]  # log file (relative to the run folder) -> its position at the save (log_positions)
     metadata_hmac: str | None  # distributed checkpoints: HMAC-SHA256 of .metadata
     last_accuracy: float | None
 
@@ -149,20 +155,55 @@ def check_trusted(ckpt: str | os.PathLike, trust: bool) -> None:
         )
 
 
+def log_positions(run_dir: Path) -> dict[str, int]:
+    """Where each log file of the run folder stands (paths relative to it): the size in bytes of every TensorBoard
+    event file and MLflow file-store metric history, the number of data rows of every ``metrics.csv``."""
+    return {str(path.relative_to(run_dir)): _position(path) for path in _log_files(run_dir)}
+
+
 def rewind_event_files(run_dir: Path, events: dict[str, int]) -> tuple[int, int]:
-    """Cut the run's logger event files back to the sizes a checkpoint recorded; delete those written after it.
-    Returns (files cut, files deleted)."""
+    """Cut the run folder's log files back to the positions a checkpoint recorded (``log_positions``); delete
+    those written after it. Returns (files cut, files deleted)."""
     cut = deleted = 0
-    for path in sorted(run_dir.rglob(f"{EVENT_PREFIX}*")):
+    for path in _log_files(run_dir):
         rel = str(path.relative_to(run_dir))
         if rel not in events:
             path.unlink()
             deleted += 1
-        elif path.stat().st_size > events[rel]:
-            with open(path, "r+b") as f:
-                f.truncate(events[rel])
+        elif _position(path) > events[rel]:
+            _cut(path, events[rel])
             cut += 1
     return cut, deleted
+
+
+def _log_files(run_dir: Path) -> list[Path]:
+    """TensorBoard event files, CSV loggers' metrics.csv, and the metric files of MLflow file-store runs (a run's
+    folder holds meta.yaml and metrics/, one file per metric, ``val/acc`` as metrics/val/acc)."""
+    files = [*run_dir.rglob(f"{EVENT_PREFIX}*"), *run_dir.rglob(METRICS_CSV)]
+    for metrics in run_dir.rglob("metrics"):
+        if metrics.is_dir() and (metrics.parent / "meta.yaml").is_file():
+            files += [path for path in metrics.rglob("*") if path.is_file()]
+    return sorted(path for path in files if path.is_file())
+
+
+def _position(path: Path) -> int:
+    if path.name != METRICS_CSV:
+        return path.stat().st_size
+    with open(path, newline="") as f:
+        return max(sum(1 for _ in csv.reader(f)) - 1, 0)  # the header is no row
+
+
+def _cut(path: Path, position: int) -> None:
+    if path.name != METRICS_CSV:
+        with open(path, "r+b") as f:
+            f.truncate(position)
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(rows[: position + 1])
+    os.replace(tmp, path)
 
 
 def remove_unfinished(dirpath: Path) -> list[str]:

@@ -9,8 +9,8 @@ is done: no E-step is generated twice and no sample is counted twice; at most th
 
 **What.** Lightning's checkpoint (weights, optimiser, LR schedule, loop counters, the DataModule's rollouts,
 the rollout callback's costs, evaluations and GVM estimates) plus this callback's own state: every rank's RNG
-streams (torch, NumPy, Python). The sidecar ``<name>.json`` records the size of every logger event file at the
-moment of the save, and a distributed checkpoint's signature.
+streams (torch, NumPy, Python). The sidecar ``<name>.json`` records where every log file of the run folder stood at
+the moment of the save (``dibs.resume.log_positions``), and a distributed checkpoint's signature.
 
 **Atomic.** Each save writes a new ``<name>.ckpt`` (a file, or a folder for a distributed checkpoint) and its
 sidecar; only then is the symlink ``last.ckpt`` switched to it with one ``os.replace``. A crash while saving
@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from dibs.lit.dist import gather_per_rank, pick_own
 from dibs.lit.logs import info
-from dibs.resume import EVENT_PREFIX, LAST, signature, signing_key
+from dibs.resume import LAST, log_positions, signature, signing_key
 
 __all__ = ["IterationCheckpoint"]
 
@@ -151,12 +151,11 @@ class IterationCheckpoint(Checkpoint):
         if not trainer.is_global_zero:
             return {}
         for logger in trainer.loggers:
+            logger.save()  # a CSV logger's buffered rows to its file
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "flush"):
                 experiment.flush()
-        return {
-            str(p.relative_to(self.run_dir)): p.stat().st_size for p in sorted(self.run_dir.rglob(f"{EVENT_PREFIX}*"))
-        }
+        return log_positions(self.run_dir)
 
     def _commit(
         self, trainer: L.Trainer, path: Path, events: dict[str, int], iterations_done: int, stopped: bool

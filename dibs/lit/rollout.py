@@ -39,6 +39,7 @@ from dibs.lit.dist import dist_of
 from dibs.lit.eval_cache import eval_key, load_eval, save_eval
 from dibs.lit.evaluation import EvalPlan, EvalResult, eval_seed, evaluate, format_summary, val_metrics
 from dibs.lit.export import ExportOptions, export_iteration
+from dibs.lit.loggers import holders, log_text, logger_locations
 from dibs.lit.logs import info, log_step, peak_memory, warn
 from dibs.lit.scoring import sampler_logprobs_are_trainers, score_trajectories
 from dibs.lit.weights import iter_full_tensors
@@ -155,7 +156,7 @@ class RolloutCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and len(self.evals) >= 2:
             where = {
-                "tensorboard": trainer.logger.log_dir if trainer.logger else "-",
+                **logger_locations(trainer.loggers),  # every logger's folder, file or store
                 "checkpoints": str(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else "-",
                 "hf policy": str(self.export_dir or "-"),
             }
@@ -378,13 +379,12 @@ class RolloutCallback(L.Callback):
             )
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=log_step(trainer))
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=log_step(trainer))
 
     def _log_texts(self, trainer: L.Trainer, dm, result: EStepResult) -> None:
-        if not (
-            trainer.is_global_zero and trainer.logger is not None and hasattr(trainer.logger.experiment, "add_text")
-        ):
+        if not (trainer.is_global_zero and holders(trainer.loggers, "text")):  # says once which loggers hold none
             return
         rows = []
         for (i, c), reward, status in list(zip(result.samples, result.rewards, result.statuses))[: self.text_samples]:
@@ -393,4 +393,5 @@ class RolloutCallback(L.Callback):
                 f"**{p.uid}** (level {p.level}, gold `{p.answer}`, reward {reward:.0f}, {status})\n\n"
                 f"    {p.problem}\n\n    {c.text}"
             )
-        trainer.logger.experiment.add_text("rollout/samples", "\n\n---\n\n".join(rows), log_step(trainer))
+        # not rollout/samples: W&B keeps one series per name, and that one is the E-step's sample count
+        log_text(trainer.loggers, "rollout/sample_texts", "\n\n---\n\n".join(rows), log_step(trainer))

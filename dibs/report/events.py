@@ -1,9 +1,10 @@
-"""A run's evaluations and per-iteration E-step scalars from its TensorBoard event files (read once, with
-TensorBoard's own reader), and the error type of the report package, which every other module of it imports from
-here."""
+"""A run's evaluations and per-iteration E-step scalars from its logs, read once: its TensorBoard event files (with
+TensorBoard's own reader) when it has some, else its CSV logger's metrics.csv (``logger=csv``); and the error type
+of the report package, which every other module of it imports from here."""
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 from collections.abc import Iterable
@@ -31,6 +32,8 @@ __all__ = [
 # pilot's cumulative samples, and (allocating strategies only) the allocation diagnostics.
 _PER_ITERATION = frozenset((ITERATION, *ITERATION_TAGS, *ALLOC_TAGS, *SAMPLING_TAGS))
 _LEVEL = re.compile(rf"^{re.escape(VAL_LEVEL)}(.+)$")
+METRICS_CSV = "metrics.csv"  # a CSV logger's file (conf/logger/csv.yaml: <run_dir>/csv/metrics.csv)
+Series = dict[str, dict[int, list[tuple[float, int, float]]]]  # tag -> step -> [(wall time, order, value)]
 
 
 class ReportError(ValueError):
@@ -66,8 +69,9 @@ def level_names(names: Iterable[str]) -> list[str]:
 
 
 def read_curve(run_dir: Path) -> Curve:
-    """The run's evaluations from every event file below ``run_dir``: ``val/*`` joined with ``cost/*``; and, from
-    the same read, its per-iteration E-step scalars (see ``_per_iteration``).
+    """The run's evaluations from every event file below ``run_dir`` (or, without any, from every CSV logger's
+    ``metrics.csv`` below it): ``val/*`` joined with ``cost/*``; and, from the same read, its per-iteration E-step
+    scalars (see ``_per_iteration``).
 
     Each evaluation logs ``val/*`` and ``cost/*`` together at the current optimiser step. A step can hold
     several evaluations: an iteration without any accepted sample makes no update, so the evaluation after
@@ -75,28 +79,22 @@ def read_curve(run_dir: Path) -> Curve:
     pairs with the k-th ``cost/*`` in logging order. A run resumed from a checkpoint logs the re-run
     evaluation again at the same step and the same sample count: that repeat keeps the latest values.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     files = sorted(run_dir.rglob("events.out.tfevents.*"))
-    if not files:
-        raise ReportError(f"run {run_dir}: no TensorBoard event files (events.out.tfevents.*) below it")
-    series: dict[str, dict[int, list[tuple[float, int, float]]]] = {}  # tag -> step -> [(wall_time, order, value)]
-    order = 0
-    for folder in sorted({f.parent for f in files}):
-        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0}, purge_orphaned_data=False)
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            if not (tag.startswith(("val/", COST)) or tag in _PER_ITERATION):
-                continue
-            by_step = series.setdefault(tag, {})
-            for event in acc.Scalars(tag):
-                order += 1
-                by_step.setdefault(event.step, []).append((event.wall_time, order, float(event.value)))
+    if files:
+        series = _tensorboard_series(files)
+    else:
+        files = sorted(run_dir.rglob(METRICS_CSV))
+        if not files:
+            raise ReportError(
+                f"run {run_dir}: no TensorBoard event files (events.out.tfevents.*) nor CSV logger file "
+                f"({METRICS_CSV}) below it"
+            )
+        series = _csv_series(files)
     needed = [VAL_ACC, *(f"{COST}{unit}" for unit in COST_UNITS)]
     missing = [tag for tag in needed if tag not in series]
     if missing:
         raise ReportError(
-            f"run {run_dir}: its event files ({', '.join(str(f.relative_to(run_dir)) for f in files)}) lack the "
+            f"run {run_dir}: its logs ({', '.join(str(f.relative_to(run_dir)) for f in files)}) lack the "
             f"scalar(s) {', '.join(missing)}; the report needs {VAL_ACC} and {COST}{{{','.join(COST_UNITS)}}}"
         )
     for by_step in series.values():
@@ -137,7 +135,49 @@ def read_curve(run_dir: Path) -> Curve:
     )
 
 
-def _per_iteration(series: dict[str, dict[int, list[tuple[float, int, float]]]]) -> dict[str, np.ndarray]:
+def _wanted(tag: str) -> bool:
+    return tag.startswith(("val/", COST)) or tag in _PER_ITERATION
+
+
+def _tensorboard_series(files: list[Path]) -> Series:
+    """tag -> step -> [(wall time, logging order, value)] from the event files, folder by folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: Series = {}
+    order = 0
+    for folder in sorted({f.parent for f in files}):
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            if not _wanted(tag):
+                continue
+            by_step = series.setdefault(tag, {})
+            for event in acc.Scalars(tag):
+                order += 1
+                by_step.setdefault(event.step, []).append((event.wall_time, order, float(event.value)))
+    return series
+
+
+def _csv_series(files: list[Path]) -> Series:
+    """The same from CSV loggers' files: one row per logging call (a ``step`` column, a column per scalar, empty
+    where the call did not log it); rows carry no time, so the order is the file's."""
+    series: Series = {}
+    order = 0
+    for path in files:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                order += 1
+                try:
+                    step = int(float(row["step"]))
+                except (KeyError, TypeError, ValueError):
+                    raise ReportError(f"{path}: a row without a step ({order}: {row})") from None
+                for tag, value in row.items():
+                    if tag != "step" and value not in (None, "") and _wanted(tag):
+                        series.setdefault(tag, {}).setdefault(step, []).append((0.0, order, float(value)))
+    return series
+
+
+def _per_iteration(series: Series) -> dict[str, np.ndarray]:
     """The E-step scalars, one row per EM iteration, in (step, iteration number) order.
 
     Every E-step logs its scalars at the current optimiser step, so a step holds several iterations when some made
