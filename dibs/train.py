@@ -131,7 +131,8 @@ def main(cfg: DictConfig) -> float:
     except ValueError as error:
         raise SystemExit(f"config error: {error}") from None
     log_hyperparams(loggers, flatten(plain(cfg)))
-    policy, tokenizer = policy_from_config(cfg, task, verifier)
+    # the warm start's curves (warmstart/*) too, but once: a resumed run's logs hold them from its first start
+    policy, tokenizer = policy_from_config(cfg, task, verifier, loggers=() if resume else loggers)
     evaluation = build_eval_plan(
         plain(cfg.eval),
         benchmarks,
