@@ -173,7 +173,6 @@ def test_every_logger_at_once(tmp_path, cache):
     assert f"wandb run: {run / 'wandb' / next(iter(records))}" in out and f"run {ids['mlflow']})" in out
 
 
-@pytest.mark.slow  # two runs, one killed (about 70 s on 2 cores); the rewinds' own tests below are quick
 def test_csv_wandb_mlflow_resume_keep_every_point_once(tmp_path, cache):
     run = tmp_path / "run"
     loggers = ["logger=[csv,wandb,mlflow]", "logger.csv.flush_logs_every_n_steps=1"]  # every row on disk at once
