@@ -23,9 +23,18 @@ from omegaconf import OmegaConf
 __all__ = ["ROOT", "NOT_IN_RUN_NAMES", "flatten", "register_resolvers", "run_name"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, experiments/, train.py
-# select the grid, say where files go or how many threads: not what the run is (conf/config.yaml's exclude_keys)
-NOT_IN_RUN_NAMES = ("grid", "cache_dir", "ckpt_path", "threads", "evaluate.out_dir", "evaluate.checkpoint")
-MAX_NAME = 120
+# not what a run is (conf/config.yaml's exclude_keys): the grid, where files go, threads, what the console shows
+NOT_IN_RUN_NAMES = (
+    "grid",
+    "cache_dir",
+    "ckpt_path",
+    "threads",
+    "evaluate.out_dir",
+    "evaluate.checkpoint",
+    "trainer.enable_progress_bar",
+    "rollout.generator.show_progress",
+)
+MAX_NAME = 160
 
 
 def run_name(override_dirname: str, job_num: int = 0) -> str:
@@ -34,8 +43,10 @@ def run_name(override_dirname: str, job_num: int = 0) -> str:
     a run without overrides is ``default`` (``job<N>`` in a multirun), and a name too long for a file system is
     shortened with a hash of the whole."""
     name = str(override_dirname or "").replace("/", "_") or (f"job{job_num}" if job_num else "default")
-    if len(name) > MAX_NAME:
-        name = f"{name[: MAX_NAME - 11]}~{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    if len(name) > MAX_NAME:  # the head and the tail stay readable (a sweep's seed=... sorts last); a hash between
+        tail = MAX_NAME // 3
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name[: MAX_NAME - tail - 12]}~{digest}~{name[-tail:]}"
     return name
 
 

@@ -26,12 +26,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dibs.conf import flatten, register_resolvers
+from dibs.lit.console import RANK_VARIABLES  # light (rich only): the console handler of every run imports it
 
 # Heavy imports (lightning, transformers) live inside main(): the verifier's worker processes re-import the
 # launching script's top level when they start, and must not pay for them.
 log = logging.getLogger("dibs")
 register_resolvers()
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # set by launchers for the other processes
 # May differ when a run is resumed: where it resumes from, how far it goes, how it checkpoints and shows progress.
 RESUME_MAY_CHANGE = (
     "ckpt_path",

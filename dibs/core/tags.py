@@ -10,7 +10,7 @@ VAL_LEVEL = "val/acc_level_"  # + a difficulty level: Average@k of the first ben
 COST = "cost/"  # + a unit: cumulative cost at an evaluation, logged at the same step as val/acc
 COST_UNITS = ("samples", "tokens", "updates", "wall_s")  # generated samples (pilots included), response tokens,
 # optimiser updates, seconds of E-steps and M-steps
-ITERATION = "iteration"  # the 0-based iteration an E-step's scalars belong to
+ITERATION = "iteration"  # the iteration (from 1) an E-step's scalars belong to
 ITERATION_TAGS = ("rollout/accept_rate", "rollout/samples", "pilot/samples_cum")  # per E-step, read by reports
 # Logged by an E-step whose strategy allocated samples from estimates (GVM): name -> what it is.
 ALLOC_TAGS = {

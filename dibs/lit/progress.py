@@ -68,7 +68,9 @@ class IterationProgressBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         total = self.trainer.max_epochs
-        return f"{self.label} {current_epoch + 1}/{total}" if total is not None and total > 0 else self.label
+        if self.trainer.max_steps > 0 or total is None or total <= 0:  # bounded by steps (the warm start): no k/N
+            return self.label
+        return f"{self.label} {current_epoch + 1}/{total}"
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.loss = None

@@ -36,7 +36,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -45,6 +44,7 @@ from dibs.core.batching import pad_right
 from dibs.core.logprobs import sequence_logprobs
 from dibs.core.losses import masked_mean
 from dibs.core.schedules import warmup_cosine
+from dibs.lit.progress import IterationProgressBar
 
 __all__ = ["CURVES", "WarmStartReport", "cache_key", "load_cached", "load_curves", "log_curves", "sft"]
 
@@ -118,7 +118,7 @@ def sft(
 def _fit(module: _SFT, batches, probe: _Probe, *, steps: int, out_dir: Path, show_progress: bool) -> None:
     """Lightning's fit of ``module`` on the policy's device, one process, nothing written but what ``sft`` saves."""
     device = next(module.policy.parameters()).device
-    callbacks: list[L.Callback] = [probe] + ([_Bar()] if show_progress else [])
+    callbacks: list[L.Callback] = [probe] + ([IterationProgressBar(label="warm start")] if show_progress else [])
     with _quiet_lightning():
         trainer = L.Trainer(
             accelerator="cpu" if device.type == "cpu" else "gpu",
@@ -217,13 +217,6 @@ class _Probe(L.Callback):
                 self.stopped_by, trainer.should_stop = "target_accuracy", True
         self.curves.append(row)
         log_curves(self.loggers, row)
-
-
-class _Bar(RichProgressBar):
-    """Lightning's rich bar, named for the warm start rather than "Epoch 0/0"."""
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        return "warm start"
 
 
 @contextmanager

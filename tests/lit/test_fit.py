@@ -58,6 +58,16 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def runs_by(sweep: Path, *keys: str) -> dict[str, Path]:
+    """A multirun's run folders (named by all their overrides, Hydra's override_dirname) by the values of ``keys``:
+    ``{"algo=raft,seed=0": <folder>, ...}``."""
+    found = {}
+    for run in sorted(p for p in sweep.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()):
+        overrides = [line[2:] for line in (run / ".hydra" / "overrides.yaml").read_text().splitlines()]
+        found[",".join(o for o in overrides for k in keys if o.startswith(f"{k}="))] = run
+    return found
+
+
 def test_single_process_fit_logs_checkpoints_and_summary(tmp_path, cache):
     run = tmp_path / "run"
     proc = train(run, cache)
@@ -162,7 +172,9 @@ def test_sweep_and_iterations_without_accepted_samples(tmp_path, cache):
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    runs = [sweep / "seed=0", sweep / "seed=1"]  # named by the swept key only, not by the fixed overrides
+    named = runs_by(sweep, "seed")
+    assert sorted(named) == ["seed=0", "seed=1"] and all("seed=" in run.name for run in named.values())
+    runs = [named["seed=0"], named["seed=1"]]
     logs = [(run / "train.log").read_text() for run in runs]  # each run's own log file
     for log in logs:
         assert log.count("iteration 1: no training sample has a non-zero advantage (0 of 128 accepted)") == 1
@@ -247,8 +259,9 @@ def test_grid_stops_on_budget_and_reports(tmp_path, cache):
     cmd += [f"hydra.sweep.dir={sweep}", f"cache_dir={cache}", *small, *WARM]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs == ["algo=raft,seed=0", "algo=raft,seed=1", "algo=raftpp,seed=0", "algo=raftpp,seed=1"]
+    named = runs_by(sweep, "algo", "seed")
+    assert sorted(named) == ["algo=raft,seed=0", "algo=raft,seed=1", "algo=raftpp,seed=0", "algo=raftpp,seed=1"]
+    runs = [run.name for run in named.values()]
     for name in runs:
         s = scalars(sweep / name)
         assert s["cost/samples"] == [0, 128, 200]
@@ -286,7 +299,7 @@ def test_grid_stops_on_budget_and_reports(tmp_path, cache):
     )
     assert empty.returncode == 2 and "no runs found" in empty.stderr and "Traceback" not in empty.stderr
     stray = sweep / "algo=raft,seed=2"
-    shutil.copytree(sweep / "algo=raft,seed=0", stray)
+    shutil.copytree(named["algo=raft,seed=0"], stray)
     (stray / ".hydra" / "overrides.yaml").write_text("- algo=raft\n- seed=2\n- +grid=raft_vs_raftpp\n")
     config = (stray / "resolved_config.yaml").read_text()
     (stray / "resolved_config.yaml").write_text(

@@ -97,7 +97,7 @@ def test_on_a_terminal_the_bar_counts_iterations_from_one(tmp_path, monkeypatch)
     assert bar.train_progress_bar.description == "iteration 2/2" and bar.train_progress_bar.completed == 2
     assert [c.bar_width for c in bar.progress.columns if hasattr(c, "bar_width")] == [24]
     labelled = IterationProgressBar(label="warm start")
-    labelled._trainer = SimpleNamespace(max_epochs=-1)  # a run bounded by max_steps: the label alone
+    labelled._trainer = SimpleNamespace(max_epochs=1, max_steps=30)  # bounded by steps: the label
     assert labelled._get_train_description(0) == "warm start"
 
 
