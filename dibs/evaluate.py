@@ -1,6 +1,6 @@
 """Standalone evaluation of any Hugging Face checkpoint folder: the loop's evaluation, without training.
 
-    python -m dibs.evaluate evaluate.checkpoint=outputs/<date>/<time>/hf/iter_012   # the embedded test split
+    python -m dibs.evaluate evaluate.checkpoint=outputs/default/<time>/hf/iter_012   # the embedded test split
     python -m dibs.evaluate evaluate.checkpoint=/models/Qwen2.5-Math-1.5B eval=paper \
         benchmarks.dir=/data/benchmarks
 
