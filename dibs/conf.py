@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 __all__ = ["ROOT", "NOT_IN_RUN_NAMES", "flatten", "register_resolvers", "run_name"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, experiments/, train.py
-# not what a run is (conf/config.yaml's exclude_keys): the grid, where files go, threads, what the console shows
+# not what a run is (conf/config.yaml's exclude_keys): the grid, where files go, threads, what the console shows,
+# how it checkpoints, exports and logs (all of which a resume may change: its folder keeps its name)
 NOT_IN_RUN_NAMES = (
     "grid",
     "cache_dir",
@@ -33,6 +34,12 @@ NOT_IN_RUN_NAMES = (
     "evaluate.checkpoint",
     "trainer.enable_progress_bar",
     "rollout.generator.show_progress",
+    "checkpoint.every_updates",
+    "checkpoint.keep",
+    "checkpoint.trust",
+    "export.every",
+    "export.keep_last",
+    "logger",
 )
 MAX_NAME = 160
 

@@ -290,6 +290,8 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
             rewind_event_files(run_dir, {})
             remove_unfinished(run_dir / "checkpoints")
             log.info("%s holds no checkpoint yet: starting the run over", run_dir)
+        elif not occupied:
+            _warn_renamed_run(run_dir)
         return None, None
     try:
         check_trusted(ckpt, trust=cfg.checkpoint.trust)
@@ -329,6 +331,31 @@ def _resume_point(cfg: DictConfig, run_dir: Path, launched: bool) -> tuple[str |
                 f", unfinished checkpoints removed: {', '.join(removed)}" if removed else "",
             )
     return str(ckpt), None
+
+
+def _warn_renamed_run(run_dir: Path) -> None:
+    """``ckpt_path=last`` in a new folder of a sweep: when a sibling folder holds this very run under other values
+    of keys a resume may change (``iterations=``, ``budget.*``: part of the folder name, Hydra's override_dirname),
+    say so, since this run then starts over instead of resuming that one."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN or not run_dir.parent.is_dir():
+        return
+    free = lambda overrides: sorted(  # noqa: E731
+        o for o in overrides if not o.lstrip("+~").split("=")[0].startswith(RESUME_MAY_CHANGE)
+    )
+    mine = free(HydraConfig.get().overrides.task)
+    for other in sorted(run_dir.parent.iterdir()):
+        listed = other / ".hydra" / "overrides.yaml"
+        if other != run_dir and listed.is_file() and free(OmegaConf.load(listed)) == mine:
+            log.warning(
+                "ckpt_path=last: %s holds no run, but %s holds this one (launched with %s) under other values of "
+                "keys a resume may change; run folders are named by their overrides, so this run starts over here. "
+                "To extend that run in its own folder, set the new value in the grid's file or its size preset, "
+                "not on the command line (docs/sweeps.md)",
+                run_dir.name,
+                other.name,
+                " ".join(OmegaConf.load(listed)),
+            )
+            return
 
 
 def _check_same_run(cfg: DictConfig, run_dir: Path) -> None:

@@ -215,7 +215,12 @@ def export_iteration(
         fill(hf_dir / f".{folder_name(iteration)}.partial")  # the gather only: nothing is written there
         return None
     folder = publish(hf_dir, iteration, fill)
-    selection = select(options.exported(iteration, last), accuracy, options.keep_last)
+    # the exports on disk count too: a former final export (a run extended with more iterations) or one made under
+    # another export.every stays while it is the best or among the newest; under unchanged settings they are
+    # exported(...) already, so a killed and resumed run keeps what an uninterrupted one keeps
+    present = {int(m.group(1)) for p in hf_dir.iterdir() if p.is_dir() and (m := _EXPORT.match(p.name))}
+    candidates = sorted(set(options.exported(iteration, last)) | {i for i in present if i <= iteration})
+    selection = select(candidates, accuracy, options.keep_last)
     pi0 = next((e.accuracy for e in evals if e.iteration == 0), None)
     deleted = thin(hf_dir, selection, accuracy, pi0)
     best = f", best by {VAL_ACC} {folder_name(selection.best)}" if selection.best is not None else ""
@@ -249,7 +254,8 @@ def card_facts(config: Mapping[str, Any], overrides: Sequence[str], choices: Map
         "iterations": config["iterations"],
         "prompts_per_iteration": config["prompts_per_iteration"],
         "seed": config["seed"],
-        "overrides": [o for o in overrides if o != "ckpt_path=last"],  # how it resumed, not what trained it
+        # what trained it: not how it resumed, nor where it logged (a tracking URI may hold credentials)
+        "overrides": [o for o in overrides if o != "ckpt_path=last" and not o.lstrip("+~").startswith("logger")],
         "data": f"data={choices.get('data', '?')}: `{target}` ("
         + ", ".join(f"{k}={v}" for k, v in source.items() if v is not None)
         + ")",
@@ -298,6 +304,8 @@ def model_card(
     mine = next((e for e in reversed(evals) if e.iteration == iteration), None)
     pi0 = next((e for e in evals if e.iteration == 0), None)
     overrides = shlex.join(facts.get("overrides", []))  # quoted for a shell: eval.pass_k=[1,2] is a glob there
+    if any(o.lstrip("+").startswith("grid=") for o in facts.get("overrides", [])):
+        overrides = f"-m {overrides}"  # a grid launches with -m (its axes fixed by the run's own values)
     lines = [
         "---",
         metadata.to_yaml(),
@@ -324,8 +332,8 @@ def model_card(
     ]
     if mine is None:
         lines.append(
-            f"Iteration {iteration} was not evaluated (`eval.every`); the run's evaluations are in its TensorBoard "
-            f"logs and `hf/{MANIFEST}`."
+            f"Iteration {iteration} was not evaluated (`eval.every`); the run's evaluations are in its logs "
+            f" and `hf/{MANIFEST}`."
         )
     else:
         k = mine.samples

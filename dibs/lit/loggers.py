@@ -103,6 +103,18 @@ class MLFlowLogger(LightningMLFlowLogger):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         super().__init__(tracking_uri=tracking_uri, save_dir=save_dir, **kwargs)
 
+    def log_hyperparams(self, params: Any) -> None:
+        """Only the keys the run does not hold yet: a resumed run continues the MLflow run, which refuses to change
+        a logged param (Lightning's own call at fit start included, whose module settings such as
+        ``total_updates`` change when a run is resumed with more iterations): the run keeps the settings it was
+        started with."""
+        params = dict(vars(params) if not isinstance(params, Mapping) else params)
+        if rank_zero_only.rank == 0 and self.run_id is not None:
+            held = self.experiment.get_run(self.run_id).data.params
+            params = {k: v for k, v in params.items() if k not in held and not any(h.startswith(f"{k}/") for h in held)}
+        if params:
+            super().log_hyperparams(params)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         super().log_metrics({self.metric_name(k): v for k, v in metrics.items()}, step)
 
@@ -195,14 +207,10 @@ def log_hyperparams(loggers: Sequence[Logger], params: Mapping[str, Any]) -> Non
     if rank_zero_only.rank != 0:
         return
     params = dict(params)
-    for logger in loggers:
-        own = params
-        if isinstance(logger, LightningMLFlowLogger):
-            held = logger.experiment.get_run(logger.run_id).data.params
-            own = {k: v for k, v in params.items() if k not in held}
+    for logger in loggers:  # (dibs' MLFlowLogger itself leaves out the keys a continued run holds)
         if isinstance(logger, TensorBoardLogger):
             _hparams_summary(logger, params)
-        logger.log_hyperparams(own)
+        logger.log_hyperparams(params)
 
 
 def _hparams_summary(logger: TensorBoardLogger, params: Mapping[str, Any]) -> None:
@@ -245,8 +253,8 @@ def holders(loggers: Sequence[Logger], kind: str) -> list[Logger]:
         name = type(logger).__name__
         if kind not in _kinds(logger) and (kind, name) not in _told:
             _told.add((kind, name))
-            names = ", ".join(type(t).__name__ for t in takers) or "no logger of this run"
-            info(f"{name} cannot hold {kind}s: they go to {names} only")
+            where = f"they go to {', '.join(type(t).__name__ for t in takers)} only" if takers else "not logged"
+            info(f"{name} cannot hold {kind}s: {where}")
     return takers
 
 

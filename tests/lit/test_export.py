@@ -236,6 +236,24 @@ def test_an_export_of_an_iteration_already_on_disk_replaces_it(tmp_path, tokeniz
     ]
 
 
+def test_a_run_extended_or_resumed_under_other_settings_keeps_its_best_and_newest_exports(
+    tmp_path, tokenizer, tiny_model
+):
+    """Exports on disk that the current settings would not have made (a former final export, one made under another
+    export.every) stay while they are the best or among the newest."""
+    hf = tmp_path / "hf"
+    accuracy = {1: 0.1, 2: 0.2, 3: 0.6, 4: 0.3, 5: 0.3, 6: 0.4, 7: 0.2}
+    evals = export_run(hf, tiny_model, tokenizer, ExportOptions(every=2, keep_last=2), accuracy, 3)
+    assert listing(hf)[0] == [MANIFEST, "iter_002", "iter_003"]  # iter_003: the final export, also the best
+    export_run(hf, tiny_model, tokenizer, ExportOptions(every=2, keep_last=2), accuracy, 7, start=4, evals=evals)
+    names, manifest = listing(hf)
+    assert names == [MANIFEST, "iter_003", "iter_006", "iter_007"] and manifest["best"] == "iter_003"
+    hf2 = tmp_path / "hf2"
+    evals = export_run(hf2, tiny_model, tokenizer, ExportOptions(every=1, keep_last=None), accuracy, 3)
+    export_run(hf2, tiny_model, tokenizer, ExportOptions(every=3, keep_last=None), accuracy, 6, start=4, evals=evals)
+    assert listing(hf2)[0] == [MANIFEST, "iter_001", "iter_002", "iter_003", "iter_006"]  # keep_last null: all
+
+
 def test_other_ranks_gather_and_write_nothing(tmp_path, tokenizer, tiny_model):
     hf = tmp_path / "hf"
     folder = export_iteration(
@@ -272,6 +290,9 @@ def test_the_model_card_says_what_trained_it_its_scores_and_its_prompt():
     ):
         assert text in card, text
     assert "ckpt_path=last" not in card
+    grid = card_facts(config, ["+grid=smoke", "algo=raft", "logger=mlflow", "+logger.mlflow.tracking_uri=x"], choices)
+    grid_card = model_card(grid, iteration=10, global_step=40, evals=evals, sampling=SamplingParams())
+    assert "`dibs-train -m +grid=smoke algo=raft`" in grid_card and "mlflow" not in grid_card  # a grid launches with -m
     unevaluated = model_card(facts, iteration=11, global_step=44, evals=evals, sampling=SamplingParams())
     assert "Iteration 11 was not evaluated" in unevaluated and "| embedded |" not in unevaluated
 

@@ -235,6 +235,7 @@ def test_a_resumed_run_folder_continues_its_wandb_and_mlflow_runs_rewound(tmp_pa
     assert rewind_event_files(tmp_path, saved) == (1, 1)
     wandb_again, resumed = build_loggers(config, tmp_path)  # the resumed run folder
     log_hyperparams([resumed], {"seed": 0, "ckpt_path": "last"})  # MLflow refuses to change a param: kept
+    resumed.log_hyperparams({"total_updates": 96, "ckpt_path": "x"})  # Lightning's own call at fit start: kept too
     resumed.log_metrics({"val/acc": 0.4}, step=4)
     assert (wandb_again.version, resumed.run_id) == (wandb.version, mlflow.run_id)
     assert json.loads((tmp_path / IDS_FILE).read_text()) == {"wandb": wandb.version, "mlflow": mlflow.run_id}
@@ -242,6 +243,7 @@ def test_a_resumed_run_folder_continues_its_wandb_and_mlflow_runs_rewound(tmp_pa
     assert mlflow_points(mlrun, "val/acc") == [(0, 0.1), (4, 0.4)]
     assert sorted(p.name for p in (mlrun / "metrics" / "val").iterdir()) == ["acc", "x.avg2"]
     assert (mlrun / "params" / "ckpt_path").read_text() == "None"
+    assert (mlrun / "params" / "total_updates").read_text() == "96"  # a key the run lacked is added
     assert (mlrun / "tags" / "mlflow.runName").read_text() == tmp_path.name
 
 
