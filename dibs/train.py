@@ -75,10 +75,10 @@ def main(cfg: DictConfig) -> float:
     from dibs.data.pools import describe_shards
     from dibs.data.prompts import PromptTemplate
     from dibs.estep.step import check_keep_rejected
-    from dibs.lit.assemble import build_eval_plan, check_update_accounting, policy_from_config, schedule_horizon
+    from dibs.lit.assemble import build_eval_plan, policy_from_config
     from dibs.lit.checkpoints import IterationCheckpoint
     from dibs.lit.console import setup_console
-    from dibs.lit.datamodule import EMDataModule
+    from dibs.lit.datamodule import EMDataModule, check_update_accounting, schedule_horizon
     from dibs.lit.export import ExportOptions, card_facts
     from dibs.lit.loggers import build_loggers, log_hyperparams
     from dibs.lit.module import EMModule

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from dibs.conf import register_resolvers
 from dibs.core.losses import get_algorithm
 from dibs.core.sampling import RoundTally, Uniform
-from dibs.lit.assemble import check_update_accounting
+from dibs.lit.datamodule import check_update_accounting
 from dibs.lit.module import EMModule
 from dibs.lit.rollout import RolloutCallback
 

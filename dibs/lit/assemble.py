@@ -19,13 +19,10 @@ from typing import Any, Sequence
 import torch
 
 from dibs import __version__
-from dibs.core.budget import Budget
-from dibs.core.sampling import Strategy
 from dibs.data.benchmarks import load_benchmarks
 from dibs.data.prompts import PromptTemplate, encode_prompts, encode_response
 from dibs.data.synthetic import TaskSplits, corpus
 from dibs.data.tokenizer import load_tokenizer, train_tokenizer
-from dibs.lit.datamodule import UPDATE_ACCOUNTING
 from dibs.lit.evaluation import EvalPlan
 from dibs.lit.logs import info, warn
 from dibs.lit.warmstart import WarmStartReport, cache_key, load_cached, load_curves, log_curves, sft
@@ -33,7 +30,7 @@ from dibs.modeling import DTYPES, build_tiny_qwen2, count_parameters, load_pretr
 from dibs.rollout.base import SamplingParams
 from dibs.rollout.hf import HFGenerator
 
-__all__ = ["build_eval_plan", "check_update_accounting", "prepare_policy", "schedule_horizon"]
+__all__ = ["build_eval_plan", "policy_from_config", "prepare_policy"]
 
 
 def prepare_policy(
@@ -297,59 +294,6 @@ def _wait_or_load(folder: Path, dtype: torch.dtype, timeout_s: float = 1800.0):
         if cached is not None or time.monotonic() >= deadline:
             return cached
         time.sleep(2.0)
-
-
-def check_update_accounting(update_accounting: str, lr_schedule: str, budget: Budget | None = None) -> None:
-    """Under ``update_accounting=reference`` the number of updates per iteration follows the samples drawn, so
-    a cosine schedule would have no known end: refused (the paper's schedule is constant). Under ``per_sample``
-    the run's updates are ``budget.samples // samples_per_update``: a cosine schedule needs that budget."""
-    if update_accounting not in UPDATE_ACCOUNTING:
-        raise ValueError(f"update_accounting={update_accounting!r} is not one of {UPDATE_ACCOUNTING}")
-    if update_accounting == "per_sample" and lr_schedule == "cosine" and (budget is None or budget.unit != "samples"):
-        raise ValueError(
-            "update_accounting=per_sample makes one update per samples_per_update generated samples, so "
-            "algo.lr_schedule=cosine ends where the sample budget does: set budget.samples, or "
-            "algo.lr_schedule=constant"
-        )
-    if update_accounting == "reference" and lr_schedule == "cosine":
-        raise ValueError(
-            "update_accounting=reference makes the number of optimiser updates per iteration depend on the "
-            "samples drawn, so algo.lr_schedule=cosine has no known horizon: set algo.lr_schedule=constant "
-            "(the paper's) or update_accounting=fixed"
-        )
-
-
-def schedule_horizon(
-    budget: Budget,
-    strategy: Strategy,
-    iterations: int,
-    updates_per_iteration: int,
-    prompts: int,
-    *,
-    update_accounting: str,
-) -> int:
-    """Iterations the learning-rate schedule spans: ``iterations``, or fewer when a budget ends the run sooner.
-
-    Warns when the ``iterations`` cap will stop a run before it spends its budget. Under
-    ``update_accounting=reference`` only a constant schedule runs (``check_update_accounting``), which reads no
-    horizon, and the updates an iteration makes are not known beforehand: ``iterations``.
-    """
-    if not budget.enabled or update_accounting != "fixed":
-        return iterations
-    per_iteration = {
-        "samples_per_iteration": strategy.max_samples(prompts),
-        "updates_per_iteration": updates_per_iteration,
-    }
-    needed = budget.planned_iterations(10**9, **per_iteration)
-    if budget.unit != "tokens" and needed > iterations:
-        warn(
-            f"budget.{budget.unit}={budget.amount} needs {needed} iterations but iterations={iterations} caps "
-            "the run: it will stop short of its budget"
-        )
-    horizon = budget.planned_iterations(iterations, **per_iteration)
-    unforeseen = " (the iterations cap: a token budget cannot be foreseen)" if budget.unit == "tokens" else ""
-    info(f"budget: {budget.amount} {budget.unit}; the learning-rate schedule spans {horizon} iterations{unforeseen}")
-    return horizon
 
 
 def _accuracy(report: WarmStartReport) -> str:

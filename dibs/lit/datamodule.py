@@ -38,13 +38,23 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from transformers import PreTrainedTokenizerBase
 
 from dibs.core.batching import pad_right
+from dibs.core.budget import Budget
+from dibs.core.sampling import Strategy
 from dibs.data.pools import POOL_MODES, iteration_indices
 from dibs.data.prompts import PromptTemplate, encode_prompts_cached
 from dibs.data.records import Problem
 from dibs.estep.samples import IterationPrompts, Trajectory, pack_trajectories, unpack_trajectories
 from dibs.lit.dist import gather_per_rank, pick_own
+from dibs.lit.logs import info, warn
 
-__all__ = ["UPDATE_ACCOUNTING", "EMDataModule", "RolloutSource", "collate_trajectories"]
+__all__ = [
+    "UPDATE_ACCOUNTING",
+    "EMDataModule",
+    "RolloutSource",
+    "check_update_accounting",
+    "collate_trajectories",
+    "schedule_horizon",
+]
 
 
 UPDATE_ACCOUNTING = ("fixed", "reference", "per_sample")
@@ -271,3 +281,56 @@ class EMDataModule(L.LightningDataModule):
             self.trajectories = unpack_trajectories(own["packed"])
         else:  # written before rollouts were packed: one dict of tensors per trajectory
             self.trajectories = [Trajectory(**t) for t in own["trajectories"]]
+
+
+def check_update_accounting(update_accounting: str, lr_schedule: str, budget: Budget | None = None) -> None:
+    """Under ``update_accounting=reference`` the number of updates per iteration follows the samples drawn, so
+    a cosine schedule would have no known end: refused (the paper's schedule is constant). Under ``per_sample``
+    the run's updates are ``budget.samples // samples_per_update``: a cosine schedule needs that budget."""
+    if update_accounting not in UPDATE_ACCOUNTING:
+        raise ValueError(f"update_accounting={update_accounting!r} is not one of {UPDATE_ACCOUNTING}")
+    if update_accounting == "per_sample" and lr_schedule == "cosine" and (budget is None or budget.unit != "samples"):
+        raise ValueError(
+            "update_accounting=per_sample makes one update per samples_per_update generated samples, so "
+            "algo.lr_schedule=cosine ends where the sample budget does: set budget.samples, or "
+            "algo.lr_schedule=constant"
+        )
+    if update_accounting == "reference" and lr_schedule == "cosine":
+        raise ValueError(
+            "update_accounting=reference makes the number of optimiser updates per iteration depend on the "
+            "samples drawn, so algo.lr_schedule=cosine has no known horizon: set algo.lr_schedule=constant "
+            "(the paper's) or update_accounting=fixed"
+        )
+
+
+def schedule_horizon(
+    budget: Budget,
+    strategy: Strategy,
+    iterations: int,
+    updates_per_iteration: int,
+    prompts: int,
+    *,
+    update_accounting: str,
+) -> int:
+    """Iterations the learning-rate schedule spans: ``iterations``, or fewer when a budget ends the run sooner.
+
+    Warns when the ``iterations`` cap will stop a run before it spends its budget. Under
+    ``update_accounting=reference`` only a constant schedule runs (``check_update_accounting``), which reads no
+    horizon, and the updates an iteration makes are not known beforehand: ``iterations``.
+    """
+    if not budget.enabled or update_accounting != "fixed":
+        return iterations
+    per_iteration = {
+        "samples_per_iteration": strategy.max_samples(prompts),
+        "updates_per_iteration": updates_per_iteration,
+    }
+    needed = budget.planned_iterations(10**9, **per_iteration)
+    if budget.unit != "tokens" and needed > iterations:
+        warn(
+            f"budget.{budget.unit}={budget.amount} needs {needed} iterations but iterations={iterations} caps "
+            "the run: it will stop short of its budget"
+        )
+    horizon = budget.planned_iterations(iterations, **per_iteration)
+    unforeseen = " (the iterations cap: a token budget cannot be foreseen)" if budget.unit == "tokens" else ""
+    info(f"budget: {budget.amount} {budget.unit}; the learning-rate schedule spans {horizon} iterations{unforeseen}")
+    return horizon
