@@ -4,11 +4,9 @@ kills at every step of a write), and a real run's exports: the folders and the m
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ from dibs.lit.evaluation import EvalResult
 from dibs.lit.export import MANIFEST, ExportOptions, card_facts, export_iteration, model_card, select
 from dibs.rollout.base import SamplingParams
 from dibs.schema import ConfigError, validate_config
+from tests.train_process import run_train
 
 REPO = Path(__file__).resolve().parents[2]
 register_resolvers()
@@ -315,18 +314,7 @@ FIT = [
 
 def launch(run: Path, cache: Path, *extra: str, kill_after: str | None = None) -> str:
     """``train.py`` into ``run``; with ``kill_after``, SIGKILL it as soon as that text appears in its output."""
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run}", f"cache_dir={cache}", *FIT, *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines, deadline = [], time.monotonic() + 600
-    for line in proc.stdout:
-        lines.append(line)
-        if kill_after is not None and kill_after in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "train.py ran past the test's time limit"
-    proc.stdout.close()
-    code, out = proc.wait(timeout=60), "".join(lines)
+    code, out = run_train([f"hydra.run.dir={run}", f"cache_dir={cache}", *FIT, *extra], kill_after=kill_after)
     assert code == (-signal.SIGKILL if kill_after else 0), out[-5000:]
     return out
 

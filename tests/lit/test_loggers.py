@@ -6,13 +6,9 @@ the builder's errors. The policy is untrained (warmstart=none): nothing here dep
 
 import csv
 import json
-import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +19,11 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from dibs.lit.loggers import IDS_FILE, CSVLogger, build_loggers, log_hyperparams
 from dibs.report.events import read_curve
 from dibs.resume import log_positions, rewind_event_files
+from tests.train_process import run_train
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
-REPO = Path(__file__).resolve().parents[2]
 SMALL = [
     "warmstart=none",
     "iterations=1",
@@ -54,18 +50,8 @@ def cache(tmp_path_factory):
 
 def train(run: Path, cache: Path, *overrides: str, kill_after: str | None = None) -> str:
     """Run train.py into ``run``; with ``kill_after``, SIGKILL it as soon as that text appears in its output."""
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run}", f"cache_dir={cache}", *SMALL, *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines, deadline = [], time.monotonic() + 600
-    for line in proc.stdout:
-        lines.append(line)
-        if kill_after is not None and kill_after in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "train.py ran past the test's time limit"
-    proc.stdout.close()
-    code, out = proc.wait(timeout=60), "".join(lines)
+    args = [f"hydra.run.dir={run}", f"cache_dir={cache}", *SMALL, *overrides]
+    code, out = run_train(args, kill_after=kill_after, env={"WANDB_SILENT": "true"})
     assert code == (-signal.SIGKILL if kill_after else 0), f"train.py ended with {code}:\n{out[-6000:]}"
     return out
 

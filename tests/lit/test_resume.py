@@ -3,7 +3,6 @@ must end exactly where an uninterrupted run of the same config and seed ends (we
 scalar, the number of TensorBoard points of every tag); a finished run resumed does nothing; bad settings fail
 in seconds, naming the key."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.train_process import run_train
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = [
@@ -41,19 +42,8 @@ CONFIG = [
 
 def launch(run: Path, cache: Path, *extra: str, kill_after: str | None = None, timeout: float = 600) -> str:
     """Run train.py into ``run``; with ``kill_after``, SIGKILL it as soon as that text appears in its output."""
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run}", f"cache_dir={cache}", *CONFIG, *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines, deadline = [], time.monotonic() + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        if kill_after is not None and kill_after in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "train.py ran past the test's time limit"
-    proc.stdout.close()
-    code = proc.wait(timeout=60)
-    out = "".join(lines)
+    args = [f"hydra.run.dir={run}", f"cache_dir={cache}", *CONFIG, *extra]
+    code, out = run_train(args, kill_after=kill_after, timeout=timeout)
     if kill_after is None:
         assert code == 0, f"train.py failed:\n{out[-6000:]}"
     else:
