@@ -117,7 +117,6 @@ def main(cfg: DictConfig) -> float:
     except ValueError as error:
         raise SystemExit(f"config error: {error}") from None
     log_hyperparams(loggers, flatten(plain(cfg)))
-    # the warm start's curves (warmstart/*) too, but once: a resumed run's logs hold them from its first start
     # the warm start's curves (warmstart/*) reach the run's logs once: not again when it resumes in its own folder
     in_place = resume is not None and Path(resume).resolve().parent == (run_dir / "checkpoints").resolve()
     policy, tokenizer = policy_from_config(cfg, task, verifier, loggers=() if in_place else loggers)
